@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny recipes on the embedded data, so the whole suite stays fast on 2 CPU cores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from toolchain.recipe import Recipe, load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_recipe_dict(checkpoint: Path, **overrides) -> dict:
+    """The embedded default protocol, shrunk: width-8 backbone, short pretrain and adaptation."""
+    raw = {
+        "name": "tiny",
+        "seed": 0,
+        "data": {"format": "basicmotions", "shift": {"rotation_deg": 100, "gain": 0.2, "offset": 0.3, "noise": 0.1, "seed": 7},
+                 "target_shots": 3},
+        "model": {"arch": "resnet1d", "width": 8, "checkpoint": str(checkpoint)},
+        "pretrain": {"steps": 60, "lr": 0.01, "batch_size": 16},
+        "method": {"name": "ttlora", "rank": 2},
+        "train": {"steps": 20, "lr": 0.01, "batch_size": 12, "eval_every": 5},
+        "verify": {"iterations": 20, "warmup": 3, "batch_sizes": [1, 8]},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return raw
+
+
+def write_recipe(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A pretrained width-8 ResNet1d base on BasicMotions (made once per test session)."""
+    from toolchain.adapt import pretrain
+
+    d = tmp_path_factory.mktemp("base")
+    recipe = load_recipe(write_recipe(d / "tiny.yaml", tiny_recipe_dict(d / "base.pt")))
+    pretrain(recipe, progress=False, echo=None)
+    return d / "base.pt"
+
+
+@pytest.fixture()
+def make_recipe(tmp_path, tiny_checkpoint):
+    """make_recipe(**overrides) -> a loaded Recipe whose file lives in tmp_path, sharing the session's base
+    checkpoint unless `model` is overridden."""
+
+    def _make(name: str = "tiny", **overrides) -> Recipe:
+        raw = tiny_recipe_dict(tiny_checkpoint, name=name, **overrides)
+        return load_recipe(write_recipe(tmp_path / f"{name}.yaml", raw))
+
+    return _make
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_checkpoint) -> Path:
+    """An adapted TT-LoRA run directory (session-scoped; treat as read-only)."""
+    from toolchain.adapt import adapt
+
+    d = tmp_path_factory.mktemp("run")
+    recipe = load_recipe(write_recipe(d / "tiny.yaml", tiny_recipe_dict(tiny_checkpoint)))
+    return adapt(recipe, d / "run", progress=False, echo=None)

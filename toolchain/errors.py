@@ -1,0 +1,17 @@
+"""Errors the CLI turns into one line and an exit code (never a traceback)."""
+
+
+class EdgetoolError(Exception):
+    """Bad input or environment: malformed recipe, missing file, wrong shapes, missing backend. Exit 2."""
+
+    exit_code = 2
+
+
+class ParityError(EdgetoolError):
+    """A check ran and failed (equivalence, graph identity, accuracy or latency parity). Exit 1."""
+
+    exit_code = 1
+
+
+class NotMergeableError(EdgetoolError):
+    """The adaptation method cannot be folded into the dense weights without adding inference cost."""

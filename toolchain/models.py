@@ -1,0 +1,205 @@
+"""Backbones and model plumbing: the built-in HAR CNNs (plain Conv1d/BatchNorm1d/Linear so export
+stays clean), bring-your-own factories, classifier-head handling and base checkpoints."""
+
+from __future__ import annotations
+
+import importlib
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .artifacts import atomic_write_bytes
+from .errors import EdgetoolError
+from .recipe import ModelConfig
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d)
+
+
+class ResidualBlock1d(nn.Module):
+    def __init__(self, c_in: int, c_out: int, kernels: tuple[int, ...] = (7, 5, 3)):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = c_in
+        for i, k in enumerate(kernels):
+            layers += [nn.Conv1d(c, c_out, k, padding=k // 2, bias=False), nn.BatchNorm1d(c_out)]
+            if i < len(kernels) - 1:
+                layers.append(nn.ReLU())
+            c = c_out
+        self.body = nn.Sequential(*layers)
+        self.shortcut = nn.Sequential(nn.Conv1d(c_in, c_out, 1, bias=False), nn.BatchNorm1d(c_out))
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x) + self.shortcut(x))
+
+
+class ResNet1d(nn.Module):
+    """T-ResNet-style HAR backbone (Wang et al. 2017 time-series ResNet): three residual blocks."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 32):
+        super().__init__()
+        self.features = nn.Sequential(
+            ResidualBlock1d(in_channels, width), ResidualBlock1d(width, 2 * width), ResidualBlock1d(2 * width, 2 * width)
+        )
+        self.pool = nn.AdaptiveAvgPool1d(1)
+        self.classifier = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(self.features(x)).flatten(1))
+
+
+class InvertedResidual1d(nn.Module):
+    """MobileNetV2 block: 1x1 expand -> depthwise k -> 1x1 project (linear bottleneck)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, expand: int, kernel: int = 5):
+        super().__init__()
+        hidden = c_in * expand
+        self.use_residual = stride == 1 and c_in == c_out
+        self.block = nn.Sequential(
+            nn.Conv1d(c_in, hidden, 1, bias=False), nn.BatchNorm1d(hidden), nn.ReLU6(),
+            nn.Conv1d(hidden, hidden, kernel, stride=stride, padding=kernel // 2, groups=hidden, bias=False),
+            nn.BatchNorm1d(hidden), nn.ReLU6(),
+            nn.Conv1d(hidden, c_out, 1, bias=False), nn.BatchNorm1d(c_out),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block(x)
+        return x + out if self.use_residual else out
+
+
+class MobileNet1d(nn.Module):
+    """MobileNetV2-style depthwise-separable HAR backbone."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 32):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.Conv1d(in_channels, w, 5, padding=2, bias=False), nn.BatchNorm1d(w), nn.ReLU6())
+        self.features = nn.Sequential(
+            InvertedResidual1d(w, w, 1, 2), InvertedResidual1d(w, 2 * w, 2, 4),
+            InvertedResidual1d(2 * w, 2 * w, 1, 4), InvertedResidual1d(2 * w, 2 * w, 2, 4),
+        )
+        self.head_conv = nn.Sequential(nn.Conv1d(2 * w, 4 * w, 1, bias=False), nn.BatchNorm1d(4 * w), nn.ReLU6())
+        self.pool = nn.AdaptiveAvgPool1d(1)
+        self.classifier = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(self.head_conv(self.features(self.stem(x)))).flatten(1))
+
+
+BUILTIN = {"resnet1d": ResNet1d, "mobilenet1d": MobileNet1d}
+
+
+def _import_factory(spec: str):
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise EdgetoolError(f"recipe field 'model.factory': cannot import module '{module_name}' ({exc})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise EdgetoolError(f"recipe field 'model.factory': '{module_name}' has no callable '{attr}'")
+    return fn
+
+
+def build_model(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
+    """A fresh (untrained) base model for `num_classes` outputs."""
+    if cfg.arch == "factory":
+        try:
+            model = _import_factory(cfg.factory)(**cfg.kwargs)
+        except EdgetoolError:
+            raise
+        except Exception as exc:  # user code: report, don't trace
+            raise EdgetoolError(f"model factory {cfg.factory} failed: {type(exc).__name__}: {exc}") from None
+        if not isinstance(model, nn.Module):
+            raise EdgetoolError(f"model factory {cfg.factory} returned {type(model).__name__}, not an nn.Module")
+    else:
+        model = BUILTIN[cfg.arch](in_channels, num_classes, width=cfg.width, **cfg.kwargs)
+    head_name, head = find_head(model, cfg.head)
+    if head.out_features != num_classes:
+        raise EdgetoolError(
+            f"model head '{head_name}' has {head.out_features} outputs but the source domain has {num_classes} classes"
+        )
+    return model
+
+
+def find_head(model: nn.Module, name: str | None = None) -> tuple[str, nn.Linear]:
+    if name is not None:
+        module = dict(model.named_modules()).get(name)
+        if not isinstance(module, nn.Linear):
+            raise EdgetoolError(f"recipe field 'model.head': '{name}' is not an nn.Linear in the model")
+        return name, module
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise EdgetoolError("the model has no nn.Linear classifier head; set model.head")
+    return linears[-1]
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def extend_head(model: nn.Module, head_name: str, num_classes: int) -> None:
+    """New-classes scenario: grow the classifier to `num_classes`, keeping the source rows; new rows
+    start at zero so the source classes' decisions are unchanged at step 0."""
+    head = model.get_submodule(head_name)
+    if head.out_features == num_classes:
+        return
+    if head.out_features > num_classes:
+        raise EdgetoolError(f"head has {head.out_features} outputs, more than the {num_classes} target classes")
+    new = nn.Linear(head.in_features, num_classes, bias=head.bias is not None)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[: head.out_features] = head.weight
+        if head.bias is not None:
+            new.bias.fill_(head.bias.min().item() if head.out_features else 0.0)
+            new.bias[: head.out_features] = head.bias
+    set_submodule(model, head_name, new)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+BASE_FORMAT = "edgetool-base/1"
+
+
+def save_base_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save({"format": BASE_FORMAT, "state_dict": model.state_dict(), **meta}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def read_base_checkpoint(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise EdgetoolError(f"base checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle/zip errors: say what the file is not
+        raise EdgetoolError(f"base checkpoint {path} cannot be read as a weights-only torch checkpoint ({type(exc).__name__})") from None
+    if isinstance(ckpt, dict) and ckpt.get("format") == BASE_FORMAT:
+        return ckpt
+    if isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return {"format": "state_dict", "state_dict": ckpt}  # a plain state dict from the user
+    raise EdgetoolError(f"base checkpoint {path} is neither an edgetool checkpoint nor a state dict")
+
+
+def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """load_state_dict, but an incompatible checkpoint becomes one line naming the first mismatch."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    if missing or extra:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+        raise EdgetoolError(f"{what} does not fit this model architecture: {detail}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise EdgetoolError(f"{what} does not fit this model architecture: '{k}' is {tuple(v.shape)}, model has {tuple(own[k].shape)}")
+    model.load_state_dict(state)

@@ -1,0 +1,204 @@
+"""Recipe schema (YAML), validated with pydantic. Unknown keys are errors, relative paths resolve
+against the recipe file's directory, and every problem is reported as one line naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import EdgetoolError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ShiftConfig(_Strict):
+    """A seeded physical shift applied to the target domain (a moved or swapped sensor)."""
+
+    rotation_deg: float = Field(0.0, ge=0, le=180, description="rotation of each 3-axis group about a random axis")
+    gain: float = Field(0.0, ge=0, lt=1, description="per-channel gain drawn from U(1-gain, 1+gain)")
+    offset: float = Field(0.0, ge=0, description="per-channel offset drawn from U(-offset, offset), in channel std units")
+    noise: float = Field(0.0, ge=0, description="additive Gaussian noise std, in channel std units")
+    axis_groups: list[list[int]] | None = Field(None, description="channel triples rotated together; default: consecutive triples")
+    seed: int = 1234
+
+    @field_validator("axis_groups")
+    @classmethod
+    def _triples(cls, v: list[list[int]] | None) -> list[list[int]] | None:
+        if v is not None and any(len(g) != 3 for g in v):
+            raise ValueError("every axis group must list exactly 3 channels")
+        return v
+
+
+class DataConfig(_Strict):
+    format: Literal["basicmotions", "ts", "uci_har", "npz"] = "basicmotions"
+    train_path: Path | None = Field(None, description="ts: the _TRAIN.ts file; uci_har: dataset root; npz: the .npz")
+    test_path: Path | None = Field(None, description="ts: the _TEST.ts file; npz: optional separate test .npz")
+    source_domains: list[int] | None = None
+    target_domains: list[int] | None = None
+    shift: ShiftConfig | None = None
+    target_shots: int | None = Field(None, gt=0, description="labelled target windows per class for adaptation")
+    test_fraction: float = Field(0.5, gt=0, lt=1, description="target share held out for testing when there is no test split")
+    source_classes: list[str] | None = Field(None, description="new-classes scenario: classes the source domain has")
+    classes: list[str] | None = Field(None, description="the class names the recipe expects; other labels are errors")
+
+    @model_validator(mode="after")
+    def _paths_needed(self) -> "DataConfig":
+        if self.format != "basicmotions" and self.train_path is None:
+            raise ValueError(f"data.train_path is required for format '{self.format}'")
+        if self.format == "ts" and self.test_path is None:
+            raise ValueError("data.test_path is required for format 'ts'")
+        if (self.source_domains is None) != (self.target_domains is None):
+            raise ValueError("set both data.source_domains and data.target_domains, or neither")
+        return self
+
+
+class ModelConfig(_Strict):
+    arch: Literal["resnet1d", "mobilenet1d", "factory"] = "resnet1d"
+    factory: str | None = Field(None, description="'package.module:function' returning an nn.Module (arch: factory)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the model constructor")
+    width: int = Field(32, gt=0, description="channel width of the built-in backbones")
+    checkpoint: Path = Field(..., description="base checkpoint (state dict); `pretrain` writes it, `adapt` makes it if missing")
+    head: str | None = Field(None, description="module name of the classifier nn.Linear; default: the last nn.Linear")
+
+    @model_validator(mode="after")
+    def _factory_needed(self) -> "ModelConfig":
+        if self.arch == "factory" and not self.factory:
+            raise ValueError("model.factory ('package.module:function') is required when model.arch is 'factory'")
+        if self.factory and ":" not in self.factory:
+            raise ValueError("model.factory must look like 'package.module:function'")
+        return self
+
+
+class OptimConfig(_Strict):
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    steps: int = Field(200, gt=0)
+    batch_size: int = Field(16, gt=0)
+    eval_every: int = Field(10, gt=0, description="evaluate macro-F1 on the target test split every N steps")
+    target_f1: float = Field(0.9, gt=0, le=1, description="steps_to_target is the first evaluation step reaching this")
+
+
+class MethodConfig(_Strict):
+    name: Literal["ttlora", "lora", "dora", "galore", "adapter", "full", "head", "bn", "bias"] = "ttlora"
+    rank: int = Field(4, gt=0)
+    alpha: float | None = Field(None, gt=0, description="LoRA/DoRA scaling numerator (scale = alpha/rank); default rank")
+    layers: Literal["all", "pointwise"] | list[str] = Field("all", description="convs to adapt: all, pointwise, or name patterns")
+    train_head: bool = Field(False, description="also train the classifier (always on when new classes appear)")
+    bn: Literal["frozen", "stats"] = Field("frozen", description="frozen: BN in eval mode; stats: running statistics update")
+    update_proj_gap: int = Field(50, gt=0, description="galore: steps between projection refreshes")
+    galore_scale: float = Field(1.0, gt=0, description="galore: scale of the projected-back update")
+    adapter_reduction: int = Field(4, gt=0, description="adapter: bottleneck width = channels // reduction")
+    adapter_kind: Literal["nonlinear", "linear"] = Field("nonlinear", description="adapter: linear variant is fusable")
+
+    @field_validator("layers")
+    @classmethod
+    def _patterns(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("give at least one layer name pattern")
+        return v
+
+
+class FuseConfig(_Strict):
+    opset: int = Field(17, ge=13, le=23)
+    atol: float = Field(1e-4, gt=0, description="max |adapted - fused| allowed (FP32)")
+    rtol: float = Field(1e-5, gt=0, description="max error relative to the output's scale (max |output|)")
+    random_inputs: int = Field(16, ge=0, description="seeded random inputs added to the target test split")
+    ort_atol: float = Field(1e-4, gt=0, description="max |ORT - PyTorch| on the fused model")
+    fp16_min_agreement: float = Field(0.95, ge=0, le=1, description="FP16 vs FP32 argmax agreement required")
+
+
+class VerifyConfig(_Strict):
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32])
+    warmup: int = Field(20, ge=0)
+    iterations: int = Field(200, gt=0, description="timed runs per engine and batch size (interleaved A B A B)")
+    latency_band: float = Field(0.05, gt=0, lt=1, description="allowed |fused/original median ratio - 1|")
+    min_argmax_agreement: float = Field(1.0, ge=0, le=1)
+    max_f1_delta: float = Field(0.0, ge=0)
+    atol: float = Field(1e-4, gt=0, description="Polygraphy comparison absolute tolerance (FP32 engines)")
+    rtol: float = Field(1e-4, gt=0, description="Polygraphy comparison relative tolerance (FP32 engines)")
+    fp16_atol: float = Field(5e-2, gt=0)
+    fp16_rtol: float = Field(5e-2, gt=0)
+    fp16_min_argmax_agreement: float = Field(0.95, ge=0, le=1)
+    fp16_max_f1_delta: float = Field(0.05, ge=0)
+
+
+class BenchConfig(_Strict):
+    methods: list[str] = Field(default_factory=lambda: ["full", "head", "bn", "bias", "lora", "dora", "galore", "adapter", "ttlora"])
+    seeds: int = Field(3, gt=0)
+    method_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-method MethodConfig fields")
+
+
+class Recipe(_Strict):
+    name: str
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig
+    pretrain: OptimConfig = Field(default_factory=lambda: OptimConfig(steps=300, lr=3e-3, batch_size=16))
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    train: OptimConfig = Field(default_factory=OptimConfig)
+    fuse: FuseConfig = Field(default_factory=FuseConfig)
+    verify: VerifyConfig = Field(default_factory=VerifyConfig)
+    bench: BenchConfig = Field(default_factory=BenchConfig)
+    source: Path | None = Field(None, exclude=True, description="the file this recipe was read from")
+
+    def resolved_dict(self) -> dict[str, Any]:
+        """Everything with defaults filled in and absolute paths: what a run directory records."""
+        return self.model_dump(mode="json", exclude={"source"})
+
+
+def _format_validation_error(exc: ValidationError, where: str) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{where}: field '{loc}': {msg}{more}" if loc else f"{where}: {msg}{more}"
+
+
+
+def recipe_from_dict(raw: Any, base_dir: Path, where: str = "recipe") -> Recipe:
+    if not isinstance(raw, dict):
+        raise EdgetoolError(f"{where}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise EdgetoolError(_format_validation_error(exc, where)) from None
+    # Relative paths are relative to the recipe file, so a recipe works from any working directory.
+    for cfg, attr in ((recipe.data, "train_path"), (recipe.data, "test_path"), (recipe.model, "checkpoint")):
+        value = getattr(cfg, attr)
+        if value is not None and not value.is_absolute():
+            setattr(cfg, attr, (base_dir / value).resolve())
+    return recipe
+
+
+def load_recipe(path: Path | str) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise EdgetoolError(f"recipe not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise EdgetoolError(f"recipe {path}: malformed YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    if isinstance(raw, dict):
+        raw.setdefault("name", path.stem)
+    recipe = recipe_from_dict(raw, path.parent.resolve(), where=f"recipe {path}")
+    recipe.source = path.resolve()
+    return recipe
+
+
+def check_inputs_exist(recipe: Recipe) -> None:
+    """Missing data paths are recipe errors that name the field (checked before any work starts)."""
+    for field, value in (("data.train_path", recipe.data.train_path), ("data.test_path", recipe.data.test_path)):
+        if value is not None and not value.exists():
+            raise EdgetoolError(f"recipe field '{field}': path does not exist: {value}")

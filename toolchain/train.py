@@ -1,0 +1,182 @@
+"""Training and evaluation shared by pretrain, adapt and bench: seeded data order, macro-F1,
+steps-to-target and an explicit account of peak training memory."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import Split
+from .methods.base import AdaptationMethod
+from .recipe import OptimConfig
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Macro-F1 over the labels present in y_true or y_pred (scikit-learn's default)."""
+    labels = np.union1d(y_true, y_pred)
+    scores = []
+    for c in labels:
+        tp = np.sum((y_pred == c) & (y_true == c))
+        fp = np.sum((y_pred == c) & (y_true != c))
+        fn = np.sum((y_pred != c) & (y_true == c))
+        denom = 2 * tp + fp + fn
+        scores.append(0.0 if denom == 0 else 2 * tp / denom)
+    return float(np.mean(scores)) if scores else 0.0
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, X: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    was_training = model.training
+    model.eval()
+    out = [model(torch.from_numpy(X[i : i + batch_size])).float().numpy() for i in range(0, len(X), batch_size)]
+    model.train(was_training)
+    return np.concatenate(out)
+
+
+def evaluate(model: nn.Module, split: Split) -> tuple[float, float]:
+    """(macro-F1, accuracy) of `model` on `split`."""
+    pred = predict_logits(model, split.X).argmax(axis=1)
+    return macro_f1(split.y, pred), float(np.mean(pred == split.y))
+
+
+@dataclass
+class EvalPoint:
+    step: int
+    f1: float
+    accuracy: float
+
+
+@dataclass
+class TrainResult:
+    curve: list[EvalPoint]
+    steps: int
+    steps_to_target: int | None
+    train_seconds: float
+    peak_memory_bytes: int
+    memory_breakdown: dict[str, int] = field(default_factory=dict)
+
+    def curve_rows(self) -> list[dict]:
+        return [asdict(p) for p in self.curve]
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(_tensor_bytes(v for v in st.values() if torch.is_tensor(v)) for st in opt.state.values())
+
+
+class SavedActivationMeter:
+    """Counts the bytes autograd keeps for backward (the activation part of training memory), by
+    hooking saved tensors; parameters that autograd also saves are skipped (already counted)."""
+
+    def __init__(self, skip: set[int]):
+        self.skip = skip
+        self.bytes = 0
+        self._seen: set[tuple[int, int]] = set()
+
+    def pack(self, t: torch.Tensor):
+        if t.device.type == "cpu" or t.is_cuda:
+            key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            if key not in self._seen and key[0] not in self.skip:
+                self._seen.add(key)
+                self.bytes += key[1]
+        return t
+
+    @staticmethod
+    def unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+def fit(
+    model: nn.Module,
+    method: AdaptationMethod,
+    train: Split,
+    cfg: OptimConfig,
+    seed: int,
+    eval_split: Split | None = None,
+    desc: str = "train",
+    progress: bool = True,
+) -> TrainResult:
+    """Train `model`'s trainable parameters (as `method` set them) for `cfg.steps` steps with a data
+    order fixed by `seed`. Evaluates macro-F1 on `eval_split` at step 0, every `eval_every` steps and at the end.
+
+    Peak memory is measured, not estimated, on the first step: bytes of all parameters and buffers
+    + gradients + optimizer state (after the step, when Adam's moments exist) + tensors saved for
+    backward. On CUDA, torch.cuda.max_memory_allocated is used instead."""
+    seed_everything(seed)
+    rng = np.random.default_rng([seed, 2024])
+    opt = method.build_optimizer(model, cfg)
+    loss_fn = nn.CrossEntropyLoss()
+    X = torch.from_numpy(train.X)
+    y = torch.from_numpy(train.y)
+    bs = min(cfg.batch_size, len(y))
+
+    curve: list[EvalPoint] = []
+    steps_to_target = None
+
+    def record(step: int) -> None:
+        nonlocal steps_to_target
+        if eval_split is None:
+            return
+        f1, acc = evaluate(model, eval_split)
+        curve.append(EvalPoint(step, f1, acc))
+        if steps_to_target is None and f1 >= cfg.target_f1:
+            steps_to_target = step
+
+    record(0)
+    order = np.empty(0, dtype=np.int64)
+    memory: dict[str, int] = {}
+    start = time.perf_counter()
+    # disable=None: tqdm hides itself when stderr is not a terminal (CI logs stay readable).
+    bar = tqdm(range(1, cfg.steps + 1), desc=desc, disable=None if progress else True, leave=False, unit="step")
+    for step in bar:
+        if len(order) < bs:
+            order = np.concatenate([order, rng.permutation(len(y))])
+        idx, order = order[:bs], order[bs:]
+        method.set_train_mode(model)
+        if step == 1:
+            param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+            meter = SavedActivationMeter(param_ptrs)
+            with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+                loss = loss_fn(model(X[idx]), y[idx])
+        else:
+            loss = loss_fn(model(X[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if step == 1:
+            grads = _tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
+        opt.step()
+        if step == 1:
+            memory = {
+                "parameters_and_buffers": _tensor_bytes(model.parameters()) + _tensor_bytes(model.buffers()),
+                "gradients": grads,
+                "optimizer_state": optimizer_state_bytes(opt),
+                "saved_activations": meter.bytes,
+            }
+        if not torch.isfinite(loss):
+            from .errors import EdgetoolError
+
+            raise EdgetoolError(f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate")
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            record(step)
+            if eval_split is not None:
+                bar.set_postfix(f1=f"{curve[-1].f1:.3f}", loss=f"{loss.item():.3f}")
+    seconds = time.perf_counter() - start
+    model.eval()
+    peak = sum(memory.values())
+    if torch.cuda.is_available() and next(model.parameters()).is_cuda:
+        peak = int(torch.cuda.max_memory_allocated())
+    return TrainResult(curve, cfg.steps, steps_to_target, seconds, peak, memory)
