@@ -2,44 +2,16 @@
 
 from __future__ import annotations
 
-import functools
-import os
-import sys
 from pathlib import Path
 
 import click
 
 from . import __version__
+from .cliutil import echo as _echo
+from .cliutil import reports_errors
 from .errors import EdgetoolError
 
 RECIPE = click.argument("recipe", type=click.Path(path_type=Path))
-
-
-def _echo(msg: str) -> None:
-    click.echo(msg)
-
-
-def reports_errors(fn):
-    """Bad input -> one line on stderr and the error's exit code; never a traceback.
-    Set EDGETOOL_DEBUG=1 to see the traceback of an unexpected failure."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except EdgetoolError as exc:
-            click.echo(f"edgetool: error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("edgetool: interrupted; no partial output was kept", err=True)
-            sys.exit(130)
-        except Exception as exc:  # an internal error: still one line unless debugging
-            if os.environ.get("EDGETOOL_DEBUG"):
-                raise
-            click.echo(f"edgetool: internal error: {type(exc).__name__}: {exc} (EDGETOOL_DEBUG=1 shows the traceback)", err=True)
-            sys.exit(3)
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,0 +1,38 @@
+"""Helpers shared by every CLI command (kept apart from cli.py so stage modules can import them)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import click
+
+from .errors import EdgetoolError
+
+
+def reports_errors(fn):
+    """Bad input -> one line on stderr and the error's exit code; never a traceback.
+    Set EDGETOOL_DEBUG=1 to see the traceback of an unexpected failure."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EdgetoolError as exc:
+            click.echo(f"edgetool: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("edgetool: interrupted; no partial output was kept", err=True)
+            sys.exit(130)
+        except Exception as exc:  # an internal error: still one line unless debugging
+            if os.environ.get("EDGETOOL_DEBUG"):
+                raise
+            click.echo(f"edgetool: internal error: {type(exc).__name__}: {exc} (EDGETOOL_DEBUG=1 shows the traceback)", err=True)
+            sys.exit(3)
+
+    return wrapper
+
+
+def echo(msg: str) -> None:
+    click.echo(msg)
