@@ -5,11 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from toolchain.recipe import Recipe, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
+
+# One intra-op thread: on a 2-core machine torch's default thread pool oversubscribes the cores
+# (measured 5x slower under load), and numeric results must not depend on the thread count.
+torch.set_num_threads(1)
 
 
 def tiny_recipe_dict(checkpoint: Path, **overrides) -> dict:

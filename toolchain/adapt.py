@@ -29,7 +29,7 @@ from .models import (build_model, count_params, extend_head, find_head, load_sta
                      save_base_checkpoint)
 from .plots import plot_f1_curves
 from .recipe import MethodConfig, Recipe, check_inputs_exist, load_recipe
-from .train import evaluate, fit
+from .train import evaluate, fit, seed_everything
 
 ADAPTER_FORMAT = "edgetool-adapter/1"
 
@@ -50,6 +50,8 @@ def pretrain(recipe: Recipe, data: DataBundle | None = None, progress: bool = Tr
     """Train the base model on the source domain and write `recipe.model.checkpoint`."""
     check_inputs_exist(recipe)
     data = data or load_data(recipe.data, recipe.seed)
+    # Seed before building: the initial weights must not depend on what this process did before.
+    seed_everything(recipe.seed)
     model = build_model(recipe.model, data.input_shape[0], data.num_source_classes)
     method = get_method(MethodConfig(name="full", bn="stats"))
     method.inject(model)
@@ -107,17 +109,36 @@ def _shape_check(model: nn.Module, data: DataBundle) -> None:
         raise EdgetoolError(f"the model outputs {tuple(out.shape[1:])}, expected ({data.num_classes},) class scores")
 
 
+RUN_FILES = ("recipe.yaml", "adapter.pt", "metrics.json")
+
+
+def check_run_output(out_dir: Path, recipe: Recipe) -> None:
+    """A run directory replaces whatever is at `out_dir`: refuse anything that is not an earlier run
+    (checked before any work, so a wrong --out never costs a training run or deletes a user's files)."""
+    out = out_dir.resolve()
+    if out.exists() and not out.is_dir():
+        raise EdgetoolError(f"output path {out_dir} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not all((out / name).is_file() for name in RUN_FILES):
+        raise EdgetoolError(f"output directory {out_dir} exists and is not an edgetool run directory; "
+                            "refusing to replace it (choose another --out)")
+    if out in recipe.model.checkpoint.resolve().parents:  # replacing the run dir would delete the base
+        raise EdgetoolError(f"output directory {out_dir} contains the model.checkpoint {recipe.model.checkpoint}; "
+                            "choose another --out")
+
+
 def adapt(recipe: Recipe, out_dir: Path | None = None, progress: bool = True, echo=print,
           method_cfg: MethodConfig | None = None) -> Path:
     """Zero-shot evaluation, fine-tuning on the target train split, evaluation again; writes a run dir."""
     check_inputs_exist(recipe)
     method_cfg = method_cfg or recipe.method
     out_dir = Path(out_dir) if out_dir is not None else Path("runs") / recipe.name
+    check_run_output(out_dir, recipe)
     data = load_data(recipe.data, recipe.seed)
     if not recipe.model.checkpoint.exists():
         _log(echo, f"base checkpoint {recipe.model.checkpoint} is missing: pretraining it first")
         pretrain(recipe, data, progress=progress, echo=echo)
     base, head_name, base_sha = load_base_model(recipe, data, echo)
+    seed_everything(recipe.seed)  # methods with random initialisation (LoRA's A) start the same every run
     model, method = build_adapted(recipe, method_cfg, base, head_name, data)
     _shape_check(model, data)
 
@@ -194,7 +215,7 @@ def load_run(run_dir: Path | str, echo=None) -> AdaptedRun:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise EdgetoolError(f"run directory not found: {run_dir}")
-    for name in ("recipe.yaml", "adapter.pt", "metrics.json"):
+    for name in RUN_FILES:
         if not (run_dir / name).is_file():
             raise EdgetoolError(f"{run_dir} is not an edgetool run directory (no {name}); create one with `edgetool adapt`")
     recipe = load_recipe(run_dir / "recipe.yaml")

@@ -15,6 +15,12 @@ from typing import Any, Iterator
 from .errors import EdgetoolError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _check_parent_writable(path: Path) -> None:
     parent = path.parent
     try:
@@ -31,6 +37,9 @@ def atomic_dir(final: Path | str) -> Iterator[Path]:
     final = Path(final).resolve()
     _check_parent_writable(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    # mkdtemp makes 0700; give the result the usual umask permissions so other users (a TensorRT
+    # container running as another uid, a CI collector) can read it.
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
     except BaseException:
@@ -52,6 +61,7 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import click
@@ -14,7 +15,27 @@ from .errors import EdgetoolError
 RECIPE = click.argument("recipe", type=click.Path(path_type=Path))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """Stage commands live in their own modules and import torch/onnx/matplotlib; load a module only
+    when its command runs (or --help lists it), so `edgetool --version` stays instant."""
+
+    lazy_commands = {
+        "fuse-export": "toolchain.fuse:cli_command",
+        "verify": "toolchain.verify:cli_command",
+        "bench": "toolchain.bench:cli_command",
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy_commands])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy_commands:
+            module, _, attr = self.lazy_commands[name].partition(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgetool")
 def main() -> None:
     """Adapt CNNs with TT-LoRA, fuse to dense convs, export ONNX/TensorRT FP16 and prove parity.
@@ -53,24 +74,6 @@ def adapt_cmd(recipe: Path, out: Path | None, steps: int | None, quiet: bool) ->
             raise EdgetoolError("--steps must be positive")
         r.train.steps = steps
     adapt(r, out, progress=not quiet, echo=_echo)
-
-
-def _register_optional_commands() -> None:
-    """Stages that live in their own modules register here, so a missing one never breaks the CLI."""
-    from importlib import import_module
-
-    for module in ("fuse", "verify", "bench"):
-        try:
-            mod = import_module(f".{module}", __package__)
-        except ModuleNotFoundError as exc:
-            if exc.name == f"{__package__}.{module}":
-                continue
-            raise
-        if hasattr(mod, "cli_command"):
-            main.add_command(mod.cli_command)
-
-
-_register_optional_commands()
 
 
 if __name__ == "__main__":

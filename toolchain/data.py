@@ -158,6 +158,8 @@ def load_uci_har(root: Path | str, classes: list[str] | None = None) -> RawDatas
     if not label_file.is_file():
         raise EdgetoolError(f"not a UCI HAR Dataset directory (no activity_labels.txt): {root}")
     pairs = [line.split(maxsplit=1) for line in label_file.read_text().splitlines() if line.strip()]
+    if not pairs or any(len(p) != 2 or not p[0].isdigit() for p in pairs):
+        raise EdgetoolError(f"{label_file}: expected lines '<activity id> <name>' (e.g. '1 WALKING')")
     ids = [int(p[0]) for p in pairs]
     declared = [p[1].strip() for p in pairs]
     names = classes or declared
@@ -192,6 +194,8 @@ def _load_npz_split(path: Path, classes: list[str] | None) -> tuple[Split, list[
         if key not in arrays:
             raise EdgetoolError(f"{path}: missing array '{key}' (expected X [N, C, T], y [N], optional domain [N])")
     X, y = arrays["X"], arrays["y"]
+    if y.ndim != 1:
+        raise EdgetoolError(f"{path}: y must be one-dimensional [N] class ids, got shape {y.shape}")
     if not np.issubdtype(y.dtype, np.integer):
         raise EdgetoolError(f"{path}: y must be integer class ids, got dtype {y.dtype}")
     names = [str(n) for n in arrays["class_names"].tolist()] if "class_names" in arrays else None
@@ -209,10 +213,10 @@ def load_npz(train_path: Path, test_path: Path | None, classes: list[str] | None
     all_y = train.y if test is None else np.concatenate([train.y, test.y])
     if names is None:
         names = [str(i) for i in range(int(all_y.max()) + 1 if len(all_y) else 0)]
-    for split in (train, test):
+    for split, path in ((train, train_path), (test, test_path)):
         if split is not None and len(split.y) and (split.y.min() < 0 or split.y.max() >= len(names)):
             bad = sorted({int(v) for v in split.y if v < 0 or v >= len(names)})
-            raise EdgetoolError(f"{train_path}: label(s) {bad[:5]} not among the recipe's {len(names)} classes {names}")
+            raise EdgetoolError(f"{path}: label(s) {bad[:5]} not among the recipe's {len(names)} classes {names}")
     return RawDataset(train, test, names)
 
 

@@ -116,7 +116,11 @@ def build_model(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Modu
         if not isinstance(model, nn.Module):
             raise EdgetoolError(f"model factory {cfg.factory} returned {type(model).__name__}, not an nn.Module")
     else:
-        model = BUILTIN[cfg.arch](in_channels, num_classes, width=cfg.width, **cfg.kwargs)
+        try:
+            model = BUILTIN[cfg.arch](in_channels, num_classes, width=cfg.width, **cfg.kwargs)
+        except TypeError as exc:  # an unknown or duplicate keyword in model.kwargs
+            raise EdgetoolError(
+                f"recipe field 'model.kwargs': {cfg.arch} does not accept {sorted(cfg.kwargs)} ({exc})") from None
     head_name, head = find_head(model, cfg.head)
     if head.out_features != num_classes:
         raise EdgetoolError(

@@ -4,7 +4,7 @@ against the recipe file's directory, and every problem is reported as one line n
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -118,6 +118,10 @@ class VerifyConfig(_Strict):
     warmup: int = Field(20, ge=0)
     iterations: int = Field(200, gt=0, description="timed runs per engine and batch size (interleaved A B A B)")
     latency_band: float = Field(0.05, gt=0, lt=1, description="allowed |fused/original median ratio - 1|")
+    unfused_iterations: int = Field(50, gt=0, description="timed runs per model and batch for the (informational) "
+                                    "unfused-vs-fused comparison; at most `iterations`")
+    latency_band_max: float = Field(0.5, gt=0, lt=1, description="the band is widened for a noisy machine "
+                                    "(2 x the A-vs-A control's deviation) but never past this")
     min_argmax_agreement: float = Field(1.0, ge=0, le=1)
     max_f1_delta: float = Field(0.0, ge=0)
     atol: float = Field(1e-4, gt=0, description="Polygraphy comparison absolute tolerance (FP32 engines)")
@@ -128,10 +132,54 @@ class VerifyConfig(_Strict):
     fp16_max_f1_delta: float = Field(0.05, ge=0)
 
 
+# Training settings every method must share in a benchmark: equal step budgets, the same batches
+# (fit's data order depends only on seed, batch size and step count) and the same evaluation grid.
+BENCH_SHARED_TRAIN_FIELDS = ("steps", "batch_size", "eval_every", "target_f1")
+
+
 class BenchConfig(_Strict):
     methods: list[str] = Field(default_factory=lambda: ["full", "head", "bn", "bias", "lora", "dora", "galore", "adapter", "ttlora"])
     seeds: int = Field(3, gt=0)
     method_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-method MethodConfig fields")
+    train_overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="per-method optimizer settings (e.g. lr); steps, batch_size, eval_every and target_f1 stay shared")
+    resample_shots: bool = Field(
+        True, description="seed i re-draws the few target shots with data seed (seed + i); the source split must not change")
+    timing_steps: int = Field(10, gt=0, description="timed training steps per method and seed (median = wall time per step)")
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, v: list[str]) -> list[str]:
+        known = _method_names()
+        unknown = [m for m in v if m not in known]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; known: {sorted(known)}")
+        if not v:
+            raise ValueError("list at least one method")
+        return v
+
+    @field_validator("method_overrides", "train_overrides")
+    @classmethod
+    def _keys_are_methods(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        known = _method_names()
+        unknown = [m for m in v if m not in known]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; known: {sorted(known)}")
+        return v
+
+    @field_validator("train_overrides")
+    @classmethod
+    def _budget_shared(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for method, fields in v.items():
+            shared = [f for f in fields if f in BENCH_SHARED_TRAIN_FIELDS]
+            if shared:
+                raise ValueError(f"{method}: {shared} must be equal for every method (set them in 'train')")
+        return v
+
+
+def _method_names() -> tuple[str, ...]:
+    return get_args(MethodConfig.model_fields["name"].annotation)
 
 
 class Recipe(_Strict):
@@ -185,11 +233,15 @@ def load_recipe(path: Path | str) -> Recipe:
     if not path.is_file():
         raise EdgetoolError(f"recipe not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise EdgetoolError(f"recipe {path}: not UTF-8 text (byte {exc.start}); is this a YAML recipe?") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
         raise EdgetoolError(f"recipe {path}: malformed YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    if raw is None:
+        raise EdgetoolError(f"recipe {path}: the file is empty")
     if isinstance(raw, dict):
         raw.setdefault("name", path.stem)
     recipe = recipe_from_dict(raw, path.parent.resolve(), where=f"recipe {path}")

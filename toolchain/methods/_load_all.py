@@ -1,3 +1,3 @@
 """Importing this registers every built-in method (each module calls @register_method)."""
 
-from . import simple, ttlora  # noqa: F401
+from . import adapter, dora, galore, lora, simple, ttlora  # noqa: F401

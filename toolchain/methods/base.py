@@ -152,7 +152,8 @@ class AdaptationMethod:
     def load_adapter_state(self, model: nn.Module, adapter: dict[str, torch.Tensor]) -> None:
         own = model.state_dict()
         expected = set(self.adapter_state_keys(model))
-        unknown = sorted(set(adapter) - set(own))
+        # Only the update's own keys: an adapter must never overwrite base weights it was not trained on.
+        unknown = sorted(set(adapter) - expected)
         missing = sorted(expected - set(adapter))
         if unknown or missing:
             detail = f"unexpected {unknown[:3]}" if unknown else f"missing {missing[:3]}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import EdgetoolError
 from .base import BN_TYPES, AdaptationMethod, register_method
 
 
@@ -25,7 +26,7 @@ class HeadOnly(AdaptationMethod):
 
     def _inject(self, model: nn.Module, head_name: str | None) -> None:
         if head_name is None:
-            raise ValueError("method 'head' needs the classifier's name")
+            raise EdgetoolError("method 'head' needs the classifier's module name (recipe field 'model.head')")
         for p in model.get_submodule(head_name).parameters():
             p.requires_grad_(True)
 
@@ -45,9 +46,10 @@ class BatchNormOnly(AdaptationMethod):
 @register_method
 class BiasOnly(AdaptationMethod):
     name = "bias"
-    description = "biases only (BitFit); BatchNorm shifts count as biases"
+    description = "biases only (BitFit): conv/linear biases and BatchNorm shifts (beta)"
 
     def _inject(self, model: nn.Module, head_name: str | None) -> None:
+        # BitFit trains every bias term; a BatchNorm's beta is its `bias` parameter, so it is included.
         for n, p in model.named_parameters():
-            if n.endswith("bias"):
+            if n.rpartition(".")[2] == "bias":
                 p.requires_grad_(True)

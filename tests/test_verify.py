@@ -1,0 +1,336 @@
+"""`edgetool verify`: the checks, the latency machinery (with synthetic timings), the reports, exit codes,
+the TensorRT-absent path, and a tampered engine that must fail naming its check.
+
+Latency figures are never asserted tightly here (this suite runs on loaded 2-core machines): the
+machinery is (fields, ratios, band widening), with synthetic timings where a decision is tested."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from toolchain.cli import main
+from toolchain.recipe import VerifyConfig
+from toolchain.runners import Runner, cuda_device
+from toolchain.verify import (NOISE_FACTOR, Check, ControlNoise, accuracy_parity, compare_outputs, control_noise,
+                              decide_band, interleaved_timings, junit_xml, latency_checks, latency_input,
+                              latency_stats)
+
+FAST = ["--iterations", "5", "--warmup", "1"]
+
+
+def _trt_skip_reason() -> str | None:
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:
+        return "TensorRT is not installed"
+    device, why = cuda_device()
+    return None if device is not None else why
+
+
+TRT_SKIP = _trt_skip_reason()
+
+
+# ------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def engine_dir(tiny_run, tmp_path_factory):
+    """`edgetool fuse-export` on the session's tiny TT-LoRA run."""
+    out = tmp_path_factory.mktemp("verify") / "engine"
+    res = CliRunner().invoke(main, ["fuse-export", str(tiny_run), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def auto_run(engine_dir):
+    """`verify --engine auto` on a machine without TensorRT (import made to fail, as it does there)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "tensorrt", None)
+        res = CliRunner().invoke(main, ["verify", str(engine_dir), "--engine", "auto", *FAST])
+    report = json.loads((engine_dir / "verify_report.json").read_text()) if res.exit_code in (0, 1) else None
+    return res, report
+
+
+def _copy(engine_dir, tmp_path, name="copy"):
+    dst = tmp_path / name
+    shutil.copytree(engine_dir, dst)
+    for f in ("verify_report.json", "verify_junit.xml"):
+        (dst / f).unlink(missing_ok=True)
+    return dst
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+
+def test_auto_falls_back_to_onnxruntime_says_why_and_passes(auto_run):
+    res, report = auto_run
+    assert res.exit_code == 0, res.output
+    assert "auto: TensorRT is not installed" in res.stdout and "using onnxruntime" in res.stdout
+    assert report["engine"] == "onnxruntime" and report["passed"] is True and report["failed_checks"] == []
+    assert "PASSED" in res.stdout
+
+
+def test_report_has_the_promised_fields_and_consistent_latency(auto_run):
+    _, r = auto_run
+    for key in ("engine", "precision", "passed", "argmax_agreement", "f1_torch", "f1_engine", "max_abs_error",
+                "latency_ms", "latency_ratio", "unfused_latency_ratio", "failed_checks", "latency_band", "checks"):
+        assert key in r, key
+    assert r["precision"] == "fp32"  # CPU ONNX Runtime deploys FP32
+    assert set(r["accuracy"]) == {"fp32", "fp16"}
+    fp32 = r["accuracy"]["fp32"]
+    assert fp32["argmax_agreement"] == 1.0 and fp32["f1_engine"] == fp32["f1_torch"]
+    assert fp32["max_abs_error"] < 1e-4 and r["max_abs_error"] == fp32["max_abs_error"]
+    assert r["accuracy"]["fp16"]["max_abs_error"] > 0  # FP16 really differs, within its own tolerances
+    for bs in ("1", "8"):
+        for engine in ("original", "fused", "control"):
+            st = r["latency_ms"][engine][bs]
+            assert 0 < st["p50"] <= st["p90"] <= st["p99"] and st["n"] == 5
+        assert r["latency_ratio"][bs] == pytest.approx(r["latency_ms"]["fused"][bs]["p50"] / r["latency_ms"]["original"][bs]["p50"])
+        assert r["unfused_latency_ratio"]["torch"][bs] > 0
+    band = r["latency_band"]
+    assert band["requested"] == 0.05 and band["effective"] >= band["requested"]
+    assert band["widened"] == (band["effective"] > band["requested"])
+    if band["widened"]:
+        assert "noisy" in band["reason"]
+    u = r["unfused_onnx"]
+    assert u["unfused_nodes"] > u["fused_nodes"]  # the adapter is in that graph...
+    assert u["unfused_nodes_after_ort_folding"] == u["fused_nodes"]  # ...until ONNX Runtime folds its constants
+    assert [c["name"] for c in r["checks"]] == [
+        "accuracy.fp32.argmax_agreement", "accuracy.fp32.f1_delta", "accuracy.fp32.output_error",
+        "accuracy.fp16.argmax_agreement", "accuracy.fp16.f1_delta", "accuracy.fp16.output_error",
+        "latency.batch_1", "latency.batch_8"]
+    assert r["changed_since_export"] == []
+
+
+def test_junit_has_one_testcase_per_check(auto_run, engine_dir):
+    _, r = auto_run
+    root = ET.parse(engine_dir / "verify_junit.xml").getroot()
+    cases = root.findall(".//testcase")
+    assert len(cases) == len(r["checks"]) and root.get("failures") == "0"
+    assert {c.get("name") for c in cases} >= {"fp32.output_error", "batch_1"}
+    assert not root.findall(".//failure")
+
+
+def test_tampered_fused_onnx_fails_naming_the_check(engine_dir, tmp_path):
+    eng = _copy(engine_dir, tmp_path, "tampered")
+    model = onnx.load(eng / "fused.onnx")
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    bias = next(t for t in model.graph.initializer if t.name == gemm.input[2])
+    values = numpy_helper.to_array(bias).copy()
+    values[0] += 1.0  # one initializer, one value: the graph stays valid, class 0's logit moves by 1.0
+    bias.CopyFrom(numpy_helper.from_array(values, bias.name))
+    onnx.checker.check_model(model)
+    onnx.save(model, eng / "fused.onnx")
+
+    res = CliRunner().invoke(main, ["verify", str(eng), "--engine", "onnxruntime", "--iterations", "3", "--warmup", "0"])
+    assert res.exit_code == 1, res.output
+    err = res.stderr.strip()
+    assert "\n" not in err and err.startswith("edgetool: error: parity check failed")
+    assert "accuracy.fp32.output_error" in err
+    r = json.loads((eng / "verify_report.json").read_text())
+    assert r["passed"] is False and "accuracy.fp32.output_error" in r["failed_checks"]
+    assert r["accuracy"]["fp32"]["max_abs_error"] == pytest.approx(1.0, abs=1e-3)
+    assert not any(c.startswith("accuracy.fp16") for c in r["failed_checks"])  # fused.fp16.onnx is untouched
+    assert r["changed_since_export"] == ["fused.onnx"]
+    failures = ET.parse(eng / "verify_junit.xml").getroot().findall(".//testcase/failure/..")
+    assert "fp32.output_error" in {tc.get("name") for tc in failures}
+
+
+def test_tensorrt_absent_exits_2_with_one_line(engine_dir, tmp_path, monkeypatch):
+    eng = _copy(engine_dir, tmp_path)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    res = CliRunner().invoke(main, ["verify", str(eng), "--engine", "tensorrt"])
+    assert res.exit_code == 2
+    err = res.stderr.strip()
+    assert "\n" not in err and "Traceback" not in res.output
+    assert err.startswith("edgetool: error: TensorRT is not installed")
+    assert "python3-libnvinfer" in err and "pip install tensorrt" in err
+    assert not (eng / "verify_report.json").exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "incomplete", "bad_json", "corrupt_onnx"])
+def test_bad_engine_dir_exits_2(case, engine_dir, tmp_path):
+    target = tmp_path / "eng"
+    if case == "empty":
+        target.mkdir()
+    elif case == "incomplete":
+        target = _copy(engine_dir, tmp_path)
+        (target / "fused.fp16.onnx").unlink()
+    elif case == "bad_json":
+        target = _copy(engine_dir, tmp_path)
+        (target / "fuse_report.json").write_text("{oops")
+    elif case == "corrupt_onnx":
+        target = _copy(engine_dir, tmp_path)
+        (target / "fused.onnx").write_bytes(b"not a protobuf")
+    res = CliRunner().invoke(main, ["verify", str(target), "--engine", "onnxruntime"])
+    assert res.exit_code == 2, res.output
+    err = res.stderr.strip()
+    assert "\n" not in err and err.startswith("edgetool: error:")
+    expected = {"missing": "ENGINE_DIR not found", "empty": "no fuse_report.json",
+                "incomplete": "fused.fp16.onnx not found", "bad_json": "not valid JSON",
+                "corrupt_onnx": "onnxruntime cannot load"}[case]
+    assert expected in err
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(TRT_SKIP is not None, reason=f"needs TensorRT and a CUDA GPU: {TRT_SKIP}")
+def test_tensorrt_engines_verify_and_are_cached(engine_dir, tmp_path):
+    eng = _copy(engine_dir, tmp_path)
+    res = CliRunner().invoke(main, ["verify", str(eng), "--engine", "tensorrt", *FAST])
+    r = json.loads((eng / "verify_report.json").read_text())
+    assert r["engine"] == "tensorrt" and r["precision"] == "fp16"
+    assert not [c for c in r["failed_checks"] if c.startswith("accuracy.")], res.output
+    plans = sorted(p.name for p in eng.glob("*.plan"))
+    assert len(plans) == 2 and plans[0].startswith("fused.fp16.trt") and plans[1].startswith("original.fp16.trt")
+    mtimes = {p: p.stat().st_mtime_ns for p in eng.glob("*.plan")}
+    res2 = CliRunner().invoke(main, ["verify", str(eng), "--engine", "tensorrt", *FAST])
+    assert "building TensorRT engine" not in res2.stdout  # reused from the cache
+    assert {p: p.stat().st_mtime_ns for p in eng.glob("*.plan")} == mtimes
+
+
+# ------------------------------------------------------------------------------------ comparison
+
+
+def test_compare_outputs_uses_polygraphy_elementwise_semantics():
+    ref = np.array([[1.0, -2.0], [100.0, 0.5]], dtype=np.float32)
+    assert compare_outputs(ref.copy(), ref, 1e-4, 1e-4)["passed"]
+    # 1e-3 off on a value of 100: beyond atol but within rtol -> passes (an element fails only if it exceeds both)
+    out = ref.copy(); out[1, 0] += 1e-3
+    res = compare_outputs(out, ref, 1e-4, 1e-4)
+    assert res["passed"] and res["max_abs_error"] == pytest.approx(1e-3, rel=1e-2)
+    out = ref.copy(); out[0, 1] += 1e-2  # beyond both
+    res = compare_outputs(out, ref, 1e-4, 1e-4)
+    assert not res["passed"] and res["max_rel_error"] == pytest.approx(5e-3, rel=1e-2)
+
+
+def test_accuracy_parity_flags_disagreement_and_f1_change():
+    y = np.array([0, 1, 0, 1])
+    torch_out = np.array([[2, 0], [0, 2], [2, 0], [0, 2]], dtype=np.float32)
+    res, checks = accuracy_parity(torch_out.copy(), torch_out, y, "fp32", VerifyConfig())
+    assert all(c.passed for c in checks) and res.argmax_agreement == 1.0 and res.f1_engine == 1.0
+    engine_out = torch_out.copy(); engine_out[0] = [0, 2]  # one prediction flips
+    res, checks = accuracy_parity(engine_out, torch_out, y, "fp32", VerifyConfig())
+    failed = {c.name for c in checks if not c.passed}
+    assert failed == {"accuracy.fp32.argmax_agreement", "accuracy.fp32.f1_delta", "accuracy.fp32.output_error"}
+    assert res.argmax_agreement == 0.75 and res.f1_delta > 0
+    # FP16 tolerances are looser: a 1e-2 error passes there but not at FP32
+    engine_out = torch_out + 1e-2
+    assert all(c.passed for c in accuracy_parity(engine_out, torch_out, y, "fp16", VerifyConfig())[1])
+    assert not accuracy_parity(engine_out, torch_out, y, "fp32", VerifyConfig())[1][2].passed
+
+
+# ------------------------------------------------------------------------------------ latency machinery
+
+
+class _Recorder(Runner):
+    """A runner whose 'inference' records the call order and reports a scripted duration."""
+
+    backend = "test"
+
+    def __init__(self, name, log, seconds):
+        super().__init__(name, name, "fp32")
+        self.log, self.seconds = log, iter(seconds)
+
+    def _activate(self):
+        pass
+
+    def _infer(self, x):
+        return x
+
+    def time_once(self, x):
+        self.log.append(self.name)
+        return next(self.seconds)
+
+
+def test_interleaved_timings_rotate_order_and_skip_warmup():
+    log: list[str] = []
+    runners = {n: _Recorder(n, log, [99.0] * 2 + list(range(1, 4))) for n in ("A", "B", "C")}
+    times = interleaved_timings(runners, np.zeros((1, 1)), warmup=2, iterations=3)
+    assert log[:6] == ["A", "B", "C", "A", "B", "C"]  # warm-up
+    assert log[6:] == ["A", "B", "C", "B", "C", "A", "C", "A", "B"]  # each round rotates by one
+    assert all(list(t) == [1, 2, 3] for t in times.values())  # warm-up runs are not kept
+
+
+def test_latency_stats_percentiles_in_ms():
+    st = latency_stats(np.arange(1, 101) * 1e-3)
+    assert st["p50"] == pytest.approx(50.5) and st["p90"] == pytest.approx(90.1) and st["p99"] == pytest.approx(99.01)
+    assert st["n"] == 100
+
+
+def test_latency_input_tiles_real_windows():
+    X = np.arange(3 * 2 * 4, dtype=np.float32).reshape(3, 2, 4)
+    x = latency_input(X, 7)
+    assert x.shape == (7, 2, 4) and np.array_equal(x[3], X[0]) and x.flags["C_CONTIGUOUS"]
+
+
+def test_control_noise_quiet_vs_noisy_synthetic():
+    rng = np.random.default_rng(0)
+    quiet = 1e-3 * (1 + 0.001 * rng.standard_normal(200))
+    quiet_ctl = 1e-3 * (1 + 0.001 * rng.standard_normal(200))
+    q = control_noise(quiet, quiet_ctl)
+    assert abs(q.ratio - 1) < 0.002 and q.halfwidth < 0.002
+    # a loaded machine: half the runs of either engine are preempted and take 3-10x longer
+    def loaded():
+        t = 1e-3 * (1 + 0.05 * rng.standard_normal(200))
+        hit = rng.random(200) < 0.5
+        return np.where(hit, t * rng.uniform(3, 10, 200), t)
+    n = control_noise(loaded(), loaded())
+    assert n.noise > 0.05
+
+
+def test_band_is_kept_when_control_is_quiet():
+    d = decide_band(0.05, {1: ControlNoise(1.004, 0.01), 32: ControlNoise(0.99, 0.012)}, cap=0.5)
+    assert not d.widened and d.effective == 0.05 and "holds" in d.reason
+
+
+def test_band_is_widened_with_reason_when_control_is_noisy():
+    d = decide_band(0.05, {1: ControlNoise(1.01, 0.02), 32: ControlNoise(1.09, 0.04)}, cap=0.5)
+    assert d.widened and d.requested == 0.05
+    assert d.effective == pytest.approx(NOISE_FACTOR * 0.09)
+    assert "noisy" in d.reason and "batch 32" in d.reason and "+/-5.0 %" in d.reason and "+/-18.0 %" in d.reason
+    # the bootstrap interval counts even when the control's median happens to land on 1.0
+    d = decide_band(0.05, {8: ControlNoise(1.0, 0.07)}, cap=0.5)
+    assert d.widened and d.effective == pytest.approx(0.14)
+
+
+def test_band_widening_is_capped():
+    d = decide_band(0.05, {1: ControlNoise(1.6, 0.1)}, cap=0.5)
+    assert d.effective == 0.5 and "capped" in d.reason
+    d = decide_band(0.3, {1: ControlNoise(1.5, 0.1)}, cap=0.2)  # a cap below the request never narrows it
+    assert d.effective == 0.3
+
+
+def test_latency_checks_apply_effective_band():
+    quiet = decide_band(0.05, {1: ControlNoise(1.0, 0.005)}, cap=0.5)
+    checks = latency_checks({1: 1.03, 32: 1.07}, quiet, "fp32")
+    assert [c.passed for c in checks] == [True, False]
+    assert checks[1].name == "latency.batch_32" and "1.070" in checks[1].message
+    noisy = decide_band(0.05, {1: ControlNoise(1.05, 0.01)}, cap=0.5)
+    checks = latency_checks({1: 1.03, 32: 1.07}, noisy, "fp32")
+    assert all(c.passed for c in checks) and "widened" in checks[1].message
+    capped = decide_band(0.05, {1: ControlNoise(1.4, 0.1)}, cap=0.5)
+    bad = latency_checks({1: 1.6}, capped, "fp32")[0]
+    assert not bad.passed and "too noisy" in bad.message
+
+
+def test_junit_xml_marks_failures():
+    xml = junit_xml([Check("accuracy.fp32.output_error", False, "max 1.0 > 1e-4", 0.5),
+                     Check("latency.batch_1", True, "ratio 1.0", 0.1)], "edgetool.verify", {"engine": "onnxruntime"})
+    root = ET.fromstring(xml)
+    assert root.tag == "testsuites" and root.get("tests") == "2" and root.get("failures") == "1"
+    suite = root.find("testsuite")
+    assert suite.find("properties/property").get("value") == "onnxruntime"
+    failed = suite.find("testcase[@name='fp32.output_error']")
+    assert failed.get("classname") == "edgetool.verify.accuracy"
+    assert failed.find("failure").get("message") == "max 1.0 > 1e-4"
+    assert suite.find("testcase[@name='batch_1']/failure") is None
