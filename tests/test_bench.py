@@ -154,6 +154,26 @@ def test_training_flops_per_step_ordering(make_recipe):
                                        + f["flops_optimizer_estimate"])
 
 
+@pytest.mark.parametrize("groups", [1, 4, 8])
+def test_conv_weight_gradient_flops_equal_forward_flops(groups):
+    """dL/dW of a conv takes exactly as many MACs as its forward, grouped or not; torch's stock
+    formula counts grouped convs `groups` times over, which bench corrects."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from toolchain.bench import grouped_conv_backward_fix
+
+    conv = nn.Conv1d(8, 16, 5, padding=2, groups=groups, bias=False)
+    x = torch.randn(3, 8, 40)  # no grad: the backward computes the weight gradient only
+    fix = grouped_conv_backward_fix()
+    with FlopCounterMode(display=False, custom_mapping=fix) as fc:
+        y = conv(x)
+    forward = fc.get_total_flops()
+    with FlopCounterMode(display=False, custom_mapping=fix) as fc:
+        y.sum().backward()
+    assert forward == 2 * 3 * 16 * (8 // groups) * 5 * 40
+    assert fc.get_total_flops() == forward
+
+
 def test_resampled_shots_change_per_seed_but_source_does_not(make_recipe):
     recipe = make_recipe("shots")
     base = load_data(recipe.data, recipe.seed)

@@ -170,6 +170,22 @@ def test_tensorrt_absent_is_one_line_with_install_hint(monkeypatch):
     assert "python3-libnvinfer" in msg and "pip install tensorrt" in msg and "Jetson" in msg
 
 
+def test_broken_tensorrt_install_is_told_apart(monkeypatch, tmp_path):
+    # A tensorrt package whose shared library is missing (a JetPack/CUDA mismatch) is not "not installed".
+    pkg = tmp_path / "tensorrt"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "raise ImportError('libnvinfer.so.10: cannot open shared object file', name='libnvinfer')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+    with pytest.raises(EdgetoolError) as err:
+        select_backend("tensorrt")
+    msg = str(err.value)
+    assert "installed but `import tensorrt` fails (libnvinfer.so.10" in msg and "\n" not in msg
+    backend, why = select_backend("auto")
+    assert backend.name == "onnxruntime" and "libnvinfer.so.10" in why
+
+
 def test_auto_falls_back_to_onnxruntime_and_says_why(monkeypatch):
     _without_tensorrt(monkeypatch)
     backend, why = select_backend("auto")

@@ -91,6 +91,7 @@ def test_report_has_the_promised_fields_and_consistent_latency(auto_run):
     assert fp32["argmax_agreement"] == 1.0 and fp32["f1_engine"] == fp32["f1_torch"]
     assert fp32["max_abs_error"] < 1e-4 and r["max_abs_error"] == fp32["max_abs_error"]
     assert r["accuracy"]["fp16"]["max_abs_error"] > 0  # FP16 really differs, within its own tolerances
+    assert "float16 graph on ONNX Runtime" in r["accuracy"]["fp16"]["executed_as"]
     for bs in ("1", "8"):
         for engine in ("original", "fused", "control"):
             st = r["latency_ms"][engine][bs]

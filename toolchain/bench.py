@@ -11,7 +11,8 @@ so differences between rows come from the methods. Output directory:
 How each figure is measured (also written into bench.json under "measurement"):
 - FLOPs per training step: torch.utils.flop_counter.FlopCounterMode around one forward, one backward
   and one optimizer step on a fresh copy of the adapted model, batch = the recipe's batch size.
-  It counts matmul/conv-type ops only (mm, addmm, bmm, convolution and its backward), 2 FLOPs per MAC.
+  It counts matmul/conv-type ops only (mm, addmm, bmm, convolution and its backward), 2 FLOPs per MAC;
+  its grouped-conv weight-gradient formula (g times too high) is corrected (`grouped_conv_backward_fix`).
   Elementwise work (BatchNorm, activations, the optimizer's moment updates) is not counted by it;
   the optimizer's elementwise update is added as an explicit estimate (`OPTIMIZER_FLOPS_PER_ELEMENT`).
 - Peak training memory: `fit`'s TrainResult.peak_memory_bytes (parameters + buffers, gradients,
@@ -62,7 +63,8 @@ WEIGHT_DECAY_FLOPS_PER_ELEMENT = {"adam": 2, "adamw": 0, "sgd": 2}
 MEASUREMENT = {
     "flops_per_step": (
         "torch.utils.flop_counter.FlopCounterMode over one forward + backward + optimizer step on a fresh copy of "
-        "the adapted model (batch = train.batch_size); counts matmul/conv-type ops (2 FLOPs per MAC), not "
+        "the adapted model (batch = train.batch_size); counts matmul/conv-type ops (2 FLOPs per MAC; the grouped-conv "
+        "weight-gradient formula corrected by 1/groups), not "
         "elementwise ops; flops_optimizer_estimate adds the optimizer's elementwise update "
         "(Adam 13, AdamW 14, SGD-momentum 4 FLOPs per trainable element, +2 with L2 weight decay); GaLore's "
         "projection matmuls are counted, its periodic SVD is not"),
@@ -149,6 +151,39 @@ def _batch(split, cfg: OptimConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(split.X[:bs]), torch.from_numpy(split.y[:bs])
 
 
+def grouped_conv_backward_fix() -> dict:
+    """A FlopCounterMode custom_mapping correcting its grouped-conv weight gradient, or {} if not needed.
+
+    torch's stock formula for aten.convolution_backward counts dL/dW of a conv with `groups` g as if
+    every output channel saw all C_in inputs: g times too many FLOPs (a depthwise conv's weight
+    gradient is counted C times over; see pytorch/pytorch PR 183405). The weight gradient of a conv has
+    exactly as many MACs as its forward, so the correction divides that term by g. The stock formula is
+    probed first, so a torch that already divides by groups is left alone."""
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+    raw = getattr(flop_counter.flop_registry.get(aten.convolution_backward), "__wrapped__", None)
+    if raw is None:
+        return {}
+    # depthwise probe: N=2, C=4, groups=4, k=3, T=10 -> dL/dW takes 2 * 2*4*1*3*10 FLOPs, like the forward
+    probe = raw([2, 4, 10], [2, 4, 10], [4, 1, 3], None, [1], [1], [1], False, [0], 4, [False, True, False],
+                out_shape=[None, [4, 1, 3], None])
+    if probe == 2 * 2 * 4 * 1 * 3 * 10:
+        return {}
+
+    def conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
+                           output_padding, groups, output_mask, out_shape=None, **kwargs) -> int:
+        args = (grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed, output_padding, groups)
+        total = 0
+        if output_mask[0]:
+            total += raw(*args, [True, False, False], out_shape=out_shape)
+        if output_mask[1]:
+            total += raw(*args, [False, True, False], out_shape=out_shape) // groups
+        return total
+
+    return {aten.convolution_backward: conv_backward_flop}
+
+
 def measure_step_flops(model: nn.Module, method, cfg: OptimConfig, split) -> dict[str, int]:
     """Counted FLOPs of one training step, split into forward / backward / optimizer, plus the estimate
     of the optimizer's elementwise work. `model` is copied; the caller's model is not touched."""
@@ -158,14 +193,15 @@ def measure_step_flops(model: nn.Module, method, cfg: OptimConfig, split) -> dic
     opt = method.build_optimizer(model, cfg)
     method.set_train_mode(model)
     xb, yb = _batch(split, cfg)
-    with FlopCounterMode(display=False) as fc:
+    fix = grouped_conv_backward_fix()
+    with FlopCounterMode(display=False, custom_mapping=fix) as fc:
         loss = nn.functional.cross_entropy(model(xb), yb)
     forward = fc.get_total_flops()
     opt.zero_grad(set_to_none=True)
-    with FlopCounterMode(display=False) as fc:
+    with FlopCounterMode(display=False, custom_mapping=fix) as fc:
         loss.backward()
     backward = fc.get_total_flops()
-    with FlopCounterMode(display=False) as fc:
+    with FlopCounterMode(display=False, custom_mapping=fix) as fc:
         opt.step()
     optimizer_counted = fc.get_total_flops()
     trainable = sum(p.numel() for _, p in method.trainable_parameters(model))

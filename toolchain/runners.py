@@ -31,9 +31,6 @@ import numpy as np
 from .artifacts import atomic_write_bytes, atomic_write_json, sha256_file
 from .errors import EdgetoolError
 
-GRAPHS = ("original", "fused")
-PRECISIONS = ("fp32", "fp16")
-
 TENSORRT_MISSING = (
     "TensorRT is not installed (the Python module 'tensorrt' cannot be imported): on a Jetson it ships with "
     "JetPack (`sudo apt install python3-libnvinfer`, then create the venv with --system-site-packages); on x86 "
@@ -260,10 +257,15 @@ def import_tensorrt():
     """The tensorrt module, or an EdgetoolError saying how to install it (one line)."""
     try:
         return importlib.import_module("tensorrt")
-    except ImportError:
-        raise EdgetoolError(TENSORRT_MISSING) from None
-    except OSError as exc:  # the module is there but libnvinfer is not loadable
-        raise EdgetoolError(f"{TENSORRT_MISSING} [import failed: {_first_line(exc)}]") from None
+    except ImportError as exc:
+        if exc.name == "tensorrt":  # the module itself is absent
+            raise EdgetoolError(TENSORRT_MISSING) from None
+        broken = exc
+    except OSError as exc:  # e.g. libnvinfer.so missing or of another version
+        broken = exc
+    raise EdgetoolError(f"TensorRT is installed but `import tensorrt` fails ({_first_line(broken)}): on a Jetson "
+                        "reinstall JetPack's python3-libnvinfer; elsewhere reinstall the tensorrt wheel matching your "
+                        "CUDA; or run `--engine onnxruntime`")
 
 
 # --------------------------------------------------------------------------------------------- backends
@@ -309,6 +311,10 @@ class Backend(ABC):
     @abstractmethod
     def runner(self, spec: GraphSpec, graph: str, precision: str, echo=None) -> Runner:
         """A (not yet active) runner for ENGINE_DIR's `graph` at `precision`."""
+
+    def executed_as(self, precision: str) -> str:
+        """How this backend actually computes a graph of `precision` (recorded next to its figures)."""
+        return precision
 
     def describe(self) -> dict[str, Any]:
         return {}
@@ -362,6 +368,15 @@ class OnnxRuntimeBackend(Backend):
         # FP16 is the deployed precision on a GPU; on a CPU ONNX Runtime runs FP16 graphs through casts,
         # so FP32 is what one would ship there.
         return "fp16" if self.on_gpu else "fp32"
+
+    def executed_as(self, precision: str) -> str:
+        if precision == "fp32":
+            return f"float32 graph on ONNX Runtime ({self.providers[0]})"
+        if self.on_gpu:
+            return "float16 graph on ONNX Runtime CUDAExecutionProvider: float16 arithmetic"
+        # Seen in the session's optimised graph: 'InsertedPrecisionFreeCast_*' nodes before every Conv/Gemm.
+        return ("float16 graph on ONNX Runtime CPUExecutionProvider: float16 weights and graph I/O casts, float32 "
+                "arithmetic (the CPU provider casts float16 weights up for kernels it lacks in float16)")
 
     def runner(self, spec: GraphSpec, graph: str, precision: str, echo=None) -> Runner:
         path = spec.onnx(graph, precision)
@@ -426,6 +441,9 @@ class TensorRTBackend(Backend):
 
     def accuracy_precisions(self) -> list[str]:
         return ["fp16"]
+
+    def executed_as(self, precision: str) -> str:
+        return f"TensorRT FP16 engine ({self.build_mode})"
 
     def latency_precision(self) -> str:
         return "fp16"

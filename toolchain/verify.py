@@ -51,6 +51,7 @@ ENGINE_CHOICES = [*BACKENDS, "auto"]
 # The fused/original ratio and the control ratio are both noisy; a band of twice the control's
 # deviation leaves room for the noise of each.
 NOISE_FACTOR = 2.0
+TORCH_TIMING_THREADS = 1  # see _unfused_phase
 
 
 def _log(echo, msg: str) -> None:
@@ -82,6 +83,7 @@ class AccuracyResult:
     atol: float
     rtol: float
     output_error_passed: bool
+    executed_as: str = ""
 
 
 def tolerances(cfg: VerifyConfig, precision: str) -> dict[str, float]:
@@ -316,6 +318,7 @@ def _accuracy_phase(backend: Backend, spec: GraphSpec, test, torch_out: np.ndarr
         with backend.runner(spec, "fused", precision, echo) as r:
             engine_out = r.infer_batched(test.X, spec.max_batch)
         res, cks = accuracy_parity(engine_out, torch_out, test.y, precision, cfg)
+        res.executed_as = backend.executed_as(precision)
         for c in cks:
             c.seconds = (time.perf_counter() - t0) / len(cks)
         accuracy[precision] = res
@@ -395,8 +398,18 @@ def _unfused_phase(adapted, fused, backend: Backend, spec: GraphSpec, ed: Engine
             ms[runtime][str(bs)] = st
             ratio[runtime][str(bs)] = st["unfused"]["p50"] / st["fused"]["p50"]
 
-    with TorchRunner(adapted, "unfused PyTorch", "unfused") as ru, TorchRunner(fused, "fused PyTorch", "fused") as rf:
-        time_pair("torch", ru, rf)
+    import torch
+
+    # One intra-op thread while timing eager PyTorch: its OpenMP pool spin-waits, and on a loaded machine
+    # a 2-thread pool ran ~10x slower than one thread (450 vs 47 ms at batch 32 on the 2-core dev box),
+    # which drowned the difference being measured. Both models get the same setting; restored after.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TORCH_TIMING_THREADS)
+    try:
+        with TorchRunner(adapted, "unfused PyTorch", "unfused") as ru, TorchRunner(fused, "fused PyTorch", "fused") as rf:
+            time_pair("torch", ru, rf)
+    finally:
+        torch.set_num_threads(threads)
     ort = backend if isinstance(backend, OnnxRuntimeBackend) else OnnxRuntimeBackend()
     info: dict[str, Any] = {"fused_nodes": len(onnx.load(str(spec.onnx("fused", "fp32"))).graph.node)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -410,7 +423,8 @@ def _unfused_phase(adapted, fused, backend: Backend, spec: GraphSpec, ed: Engine
         else:
             ratio["onnxruntime"] = None
             _log(echo, f"note: unfused adapted model {note}; timed in PyTorch only")
-    return {"unfused_latency_ratio": ratio, "unfused_latency_ms": ms, "unfused_onnx": info, "unfused_iterations": iters}
+    return {"unfused_latency_ratio": ratio, "unfused_latency_ms": ms, "unfused_onnx": info, "unfused_iterations": iters,
+            "torch_threads": TORCH_TIMING_THREADS}
 
 
 def verify(engine_dir: Path | str, engine: str = "auto", echo=print, iterations: int | None = None,
@@ -481,7 +495,7 @@ def verify(engine_dir: Path | str, engine: str = "auto", echo=print, iterations:
         "unfused_latency_ms": unfused["unfused_latency_ms"],
         "unfused_onnx": unfused["unfused_onnx"],
         "timing": {"warmup": cfg.warmup, "iterations": cfg.iterations, "unfused_iterations": unfused["unfused_iterations"],
-                   "batch_sizes": batch_sizes,
+                   "torch_threads": unfused["torch_threads"], "batch_sizes": batch_sizes,
                    "order": "round-robin original, fused, control (rotating each round); host-to-host wall clock"},
         "test_windows": len(test),
         "changed_since_export": changed,
@@ -524,7 +538,11 @@ def summary(report: dict[str, Any], checks: list[Check], engine_dir: Path) -> st
         if ratios:
             saved.append(f"{rt} " + ", ".join(f"batch {b}: x{r:.2f}" for b, r in ratios.items()))
     if saved:
-        lines.append("unfused adapted / fused median latency: " + "; ".join(saved))
+        u = report["unfused_onnx"]
+        folded = (f" (ONNX Runtime constant-folds the unfused graph's adapter at load: {u['unfused_nodes']} -> "
+                  f"{u['unfused_nodes_after_ort_folding']} nodes; fused.onnx has {u['fused_nodes']})"
+                  if "unfused_nodes_after_ort_folding" in u else "")
+        lines.append("unfused adapted / fused median latency: " + "; ".join(saved) + folded)
     n_fail = len(report["failed_checks"])
     verdict = "PASSED" if not n_fail else f"FAILED ({n_fail} of {len(checks)}: {', '.join(report['failed_checks'])})"
     lines.append(f"{verdict}: {len(checks)} checks -> {engine_dir / REPORT_NAME}, {engine_dir / JUNIT_NAME}")
