@@ -298,7 +298,7 @@ def test_band_is_widened_with_reason_when_control_is_noisy():
     d = decide_band(0.05, {1: ControlNoise(1.01, 0.02), 32: ControlNoise(1.09, 0.04)}, cap=0.5)
     assert d.widened and d.requested == 0.05
     assert d.effective == pytest.approx(NOISE_FACTOR * 0.09)
-    assert "noisy" in d.reason and "batch 32" in d.reason and "+/-5.0 %" in d.reason and "+/-18.0 %" in d.reason
+    assert "noisy" in d.reason and "batch 32" in d.reason and "+/-5.00 %" in d.reason and "+/-18.00 %" in d.reason
     # the bootstrap interval counts even when the control's median happens to land on 1.0
     d = decide_band(0.05, {8: ControlNoise(1.0, 0.07)}, cap=0.5)
     assert d.widened and d.effective == pytest.approx(0.14)

@@ -97,7 +97,7 @@ def build_adapted(recipe: Recipe, method_cfg: MethodConfig, base: nn.Module, hea
     return model, method
 
 
-def _shape_check(model: nn.Module, data: DataBundle) -> None:
+def check_model_io(model: nn.Module, data: DataBundle) -> None:
     x = torch.from_numpy(data.target_test.X[:2])
     try:
         with torch.no_grad():
@@ -140,7 +140,7 @@ def adapt(recipe: Recipe, out_dir: Path | None = None, progress: bool = True, ec
     base, head_name, base_sha = load_base_model(recipe, data, echo)
     seed_everything(recipe.seed)  # methods with random initialisation (LoRA's A) start the same every run
     model, method = build_adapted(recipe, method_cfg, base, head_name, data)
-    _shape_check(model, data)
+    check_model_io(model, data)
 
     f1_before, acc_before = evaluate(model, data.target_test)
     trainable = sum(p.numel() for _, p in method.trainable_parameters(model))

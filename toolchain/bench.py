@@ -41,7 +41,7 @@ from pydantic import ValidationError
 from torch import nn
 from tqdm import tqdm
 
-from .adapt import _shape_check, build_adapted, load_base_model, pretrain, reference_model
+from .adapt import check_model_io, build_adapted, load_base_model, pretrain, reference_model
 from .artifacts import atomic_dir, atomic_write_json, atomic_write_text
 from .cliutil import echo as _echo
 from .cliutil import reports_errors
@@ -49,7 +49,7 @@ from .data import DataBundle, load_data
 from .errors import EdgetoolError, NotMergeableError
 from .models import count_params
 from .plots import plot_f1_curves, plot_scatter
-from .recipe import (MethodConfig, OptimConfig, Recipe, _format_validation_error, _method_names, check_inputs_exist,
+from .recipe import (MethodConfig, OptimConfig, Recipe, format_validation_error, method_names, check_inputs_exist,
                      load_recipe)
 from .train import EvalPoint, evaluate, fit, seed_everything
 
@@ -98,7 +98,7 @@ def method_configs(recipe: Recipe, methods: list[str]) -> dict[str, tuple[Method
     from .methods import METHODS
     from .methods import _load_all  # noqa: F401  (registers every built-in method)
 
-    known = set(_method_names())
+    known = set(method_names())
     for name in methods:
         if name not in known:
             raise EdgetoolError(f"unknown method '{name}' in --methods (known: {','.join(sorted(known))})")
@@ -113,11 +113,11 @@ def method_configs(recipe: Recipe, methods: list[str]) -> dict[str, tuple[Method
         try:
             mcfg = MethodConfig.model_validate({**recipe.method.model_dump(), **overrides, "name": name})
         except ValidationError as exc:
-            raise EdgetoolError(_format_validation_error(exc, f"{where}: bench.method_overrides.{name}")) from None
+            raise EdgetoolError(format_validation_error(exc, f"{where}: bench.method_overrides.{name}")) from None
         try:
             tcfg = OptimConfig.model_validate({**recipe.train.model_dump(), **recipe.bench.train_overrides.get(name, {})})
         except ValidationError as exc:
-            raise EdgetoolError(_format_validation_error(exc, f"{where}: bench.train_overrides.{name}")) from None
+            raise EdgetoolError(format_validation_error(exc, f"{where}: bench.train_overrides.{name}")) from None
         out[name] = (mcfg, tcfg)
     return out
 
@@ -398,7 +398,7 @@ def run_bench(recipe: Recipe, methods: list[str] | None = None, seeds: int | Non
         pretrain(recipe, base_data, progress=progress, echo=echo)
     base, head_name, _ = load_base_model(recipe, base_data, echo)
     reference = reference_model(base, head_name, base_data)
-    _shape_check(reference, base_data)
+    check_model_io(reference, base_data)
     total = count_params(reference)
 
     seed_values = [recipe.seed + i for i in range(n_seeds)]

@@ -151,7 +151,7 @@ class BenchConfig(_Strict):
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, v: list[str]) -> list[str]:
-        known = _method_names()
+        known = method_names()
         unknown = [m for m in v if m not in known]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; known: {sorted(known)}")
@@ -162,7 +162,7 @@ class BenchConfig(_Strict):
     @field_validator("method_overrides", "train_overrides")
     @classmethod
     def _keys_are_methods(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        known = _method_names()
+        known = method_names()
         unknown = [m for m in v if m not in known]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; known: {sorted(known)}")
@@ -178,7 +178,7 @@ class BenchConfig(_Strict):
         return v
 
 
-def _method_names() -> tuple[str, ...]:
+def method_names() -> tuple[str, ...]:
     return get_args(MethodConfig.model_fields["name"].annotation)
 
 
@@ -200,7 +200,7 @@ class Recipe(_Strict):
         return self.model_dump(mode="json", exclude={"source"})
 
 
-def _format_validation_error(exc: ValidationError, where: str) -> str:
+def format_validation_error(exc: ValidationError, where: str) -> str:
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"])
     msg = err["msg"]
@@ -219,7 +219,7 @@ def recipe_from_dict(raw: Any, base_dir: Path, where: str = "recipe") -> Recipe:
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
-        raise EdgetoolError(_format_validation_error(exc, where)) from None
+        raise EdgetoolError(format_validation_error(exc, where)) from None
     # Relative paths are relative to the recipe file, so a recipe works from any working directory.
     for cfg, attr in ((recipe.data, "train_path"), (recipe.data, "test_path"), (recipe.model, "checkpoint")):
         value = getattr(cfg, attr)

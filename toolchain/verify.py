@@ -200,7 +200,7 @@ def decide_band(requested: float, controls: dict[Any, ControlNoise], cap: float)
     cap = max(cap, requested)
     effective = min(needed, cap)
     reason = (f"machine is noisy: two identical original graphs timed up to {100 * noise:.1f} % apart ({seen}); "
-              f"band widened from +/-{100 * requested:.1f} % to +/-{100 * effective:.1f} %")
+              f"band widened from +/-{100 * requested:.2f} % to +/-{100 * effective:.2f} %")
     if needed > cap:
         reason += f" (capped at verify.latency_band_max; {NOISE_FACTOR:g} x noise would be +/-{100 * needed:.1f} %)"
     return BandDecision(requested, effective, True, noise, reason)
@@ -530,7 +530,7 @@ def summary(report: dict[str, Any], checks: list[Check], engine_dir: Path) -> st
         o, f = report["latency_ms"]["original"][bs], report["latency_ms"]["fused"][bs]
         lines.append(f"latency {report['latency_precision']} batch {bs}: original p50/p90/p99 {o['p50']:.3f}/{o['p90']:.3f}/"
                      f"{o['p99']:.3f} ms, fused {f['p50']:.3f}/{f['p90']:.3f}/{f['p99']:.3f} ms, ratio "
-                     f"{report['latency_ratio'][bs]:.3f} (band +/-{100 * band['effective']:.1f} %"
+                     f"{report['latency_ratio'][bs]:.3f} (band +/-{100 * band['effective']:.2f} %"
                      f"{', widened' if band['widened'] else ''}; control {report['latency_control'][bs]['ratio']:.3f})  "
                      f"{'PASS' if c.passed else 'FAIL'}")
     saved = []
