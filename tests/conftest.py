@@ -74,3 +74,24 @@ def tiny_run(tmp_path_factory, tiny_checkpoint) -> Path:
     d = tmp_path_factory.mktemp("run")
     recipe = load_recipe(write_recipe(d / "tiny.yaml", tiny_recipe_dict(tiny_checkpoint)))
     return adapt(recipe, d / "run", progress=False, echo=None)
+
+
+def _tensorrt_skip_reason() -> str | None:
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:
+        return "TensorRT is not installed"
+    from toolchain.runners import cuda_device
+
+    device, why = cuda_device()
+    return None if device is not None else why
+
+
+TENSORRT_SKIP_REASON = _tensorrt_skip_reason()
+
+
+def needs_tensorrt(fn):
+    """Marked `tensorrt`; skipped with the reason where TensorRT or a CUDA GPU is missing."""
+    fn = pytest.mark.skipif(TENSORRT_SKIP_REASON is not None,
+                            reason=f"needs TensorRT and a CUDA GPU: {TENSORRT_SKIP_REASON}")(fn)
+    return pytest.mark.tensorrt(fn)

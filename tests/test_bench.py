@@ -28,14 +28,6 @@ TINY_BENCH = {"train": {"steps": 10, "lr": 0.01, "batch_size": 12, "eval_every":
 E2E_METHODS = ["full", "head", *[m for m in ("bn", "lora") if m in METHODS], "ttlora"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads mostly spin-wait (10x slower);
-    nothing here measures speed."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _sample_std(xs: list[float]) -> float:

@@ -20,13 +20,6 @@ from toolchain.recipe import MethodConfig, OptimConfig
 RANK = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: on a shared 2-core machine intra-op threads only contend (about 7x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # name in tests -> MethodConfig fields

@@ -16,29 +16,12 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import needs_tensorrt
 from toolchain.errors import EdgetoolError
 from toolchain.runners import (TENSORRT_MISSING, Availability, GraphSpec, OnnxRuntimeBackend, OnnxRuntimeRunner,
                                TensorRTBackend, TorchRunner, cuda_device, engine_staleness, select_backend)
 
 C, T, K, CLASSES = 3, 16, 4, 2
-
-
-def _trt_skip_reason() -> str | None:
-    try:
-        import tensorrt  # noqa: F401
-    except Exception:
-        return "TensorRT is not installed"
-    device, why = cuda_device()
-    return None if device is not None else why
-
-
-TRT_SKIP = _trt_skip_reason()
-
-
-def needs_tensorrt(fn):
-    """Marked `tensorrt`; skipped with the reason where TensorRT or a CUDA GPU is missing."""
-    fn = pytest.mark.skipif(TRT_SKIP is not None, reason=f"needs TensorRT and a CUDA GPU: {TRT_SKIP}")(fn)
-    return pytest.mark.tensorrt(fn)
 
 
 def _weights(seed: int) -> dict[str, np.ndarray]:

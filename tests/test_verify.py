@@ -17,26 +17,15 @@ import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
+from conftest import needs_tensorrt
 from toolchain.cli import main
 from toolchain.recipe import VerifyConfig
-from toolchain.runners import Runner, cuda_device
+from toolchain.runners import Runner
 from toolchain.verify import (NOISE_FACTOR, Check, ControlNoise, accuracy_parity, compare_outputs, control_noise,
                               decide_band, interleaved_timings, junit_xml, latency_checks, latency_input,
                               latency_stats)
 
 FAST = ["--iterations", "5", "--warmup", "1"]
-
-
-def _trt_skip_reason() -> str | None:
-    try:
-        import tensorrt  # noqa: F401
-    except Exception:
-        return "TensorRT is not installed"
-    device, why = cuda_device()
-    return None if device is not None else why
-
-
-TRT_SKIP = _trt_skip_reason()
 
 
 # ------------------------------------------------------------------------------------ fixtures
@@ -183,8 +172,7 @@ def test_bad_engine_dir_exits_2(case, engine_dir, tmp_path):
     assert expected in err
 
 
-@pytest.mark.tensorrt
-@pytest.mark.skipif(TRT_SKIP is not None, reason=f"needs TensorRT and a CUDA GPU: {TRT_SKIP}")
+@needs_tensorrt
 def test_tensorrt_engines_verify_and_are_cached(engine_dir, tmp_path):
     eng = _copy(engine_dir, tmp_path)
     res = CliRunner().invoke(main, ["verify", str(eng), "--engine", "tensorrt", *FAST])

@@ -34,7 +34,7 @@ from .errors import EdgetoolError
 TENSORRT_MISSING = (
     "TensorRT is not installed (the Python module 'tensorrt' cannot be imported): on a Jetson it ships with "
     "JetPack (`sudo apt install python3-libnvinfer`, then create the venv with --system-site-packages); on x86 "
-    "`pip install tensorrt` (NVIDIA's index, https://pypi.nvidia.com); or run `--engine onnxruntime`"
+    "`pip install tensorrt` (from NVIDIA's Python package index); or run `--engine onnxruntime`"
 )
 
 
