@@ -444,6 +444,11 @@ def test_byo_factory_head_must_match_the_classes(tmp_path, byo_recipe):
     recipe.model.kwargs = {"in_channels": 1, "num_classes": 5, "width": 4}
     with pytest.raises(EdgetoolError, match="head 'fc' has 5 outputs but the source domain has 3 classes"):
         build_model(recipe.model, 1, 3)
+    # The head was guessed (last nn.Linear registered): the error says how to name the real classifier.
+    with pytest.raises(EdgetoolError, match="; if it is not the classifier, set model.head to the classifier's module name"):
+        build_model(recipe.model, 1, 3)
+    with pytest.raises(EdgetoolError, match=r"has 5 outputs but the source domain has 3 classes$"):
+        build_model(recipe.model.model_copy(update={"head": "fc"}), 1, 3)
     with pytest.raises(EdgetoolError, match=r"model factory fixtures_2d:small_cnn failed: TypeError"):
         build_model(recipe.model.model_copy(update={"kwargs": {"colour": "red"}}), 1, 3)
     with pytest.raises(EdgetoolError, match="'fixtures_2d' has no callable 'missing'"):

@@ -225,3 +225,34 @@ def test_shipped_bench_recipes_cover_both_scenarios_and_backbones():
         method_configs(recipe, recipe.bench.methods)  # every override validates
         combos.add((scenario, recipe.model.arch))
     assert combos == {(s, a) for s in ("shift", "newclass") for a in ("resnet1d", "mobilenet1d")}
+
+
+def test_out_never_replaces_what_is_not_a_bench_directory(make_recipe, tmp_path):
+    """bench's output replaces its --out directory: a user's directory (or one holding the base
+    checkpoint) is refused before any work, and an earlier bench directory may be replaced."""
+    recipe = make_recipe("outguard")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("keep me")
+    for out, message in ((mine, "is not an edgetool bench directory"),
+                         (recipe.model.checkpoint.parent, "is not an edgetool bench directory"),
+                         (mine / "thesis.txt", "exists and is not a directory")):
+        res = CliRunner().invoke(main, ["bench", str(recipe.source), "--methods", "head", "--seeds", "1",
+                                        "--out", str(out), "--quiet"])
+        assert res.exit_code == 2, res.output
+        assert res.output.strip().count("\n") == 0 and message in res.output
+    assert (mine / "thesis.txt").read_text() == "keep me" and recipe.model.checkpoint.is_file()
+
+
+def test_a_method_that_does_not_fit_fails_before_any_training(make_recipe, monkeypatch):
+    """A bad per-method setting (here: a layer selection matching no conv) is found before the other
+    methods spend their training budget, not after."""
+    import toolchain.bench as bench
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started before every method was checked")
+
+    monkeypatch.setattr(bench, "fit", no_training)
+    recipe = make_recipe("preflight", bench={"method_overrides": {"ttlora": {"layers": ["nomatch.*"]}}})
+    with pytest.raises(EdgetoolError, match=r"'method.layers': \['nomatch.\*'\] matched no Conv1d/Conv2d layer"):
+        run_bench(recipe, ["full", "head", "ttlora"], 1, progress=False, echo=None)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -430,3 +431,13 @@ def test_protocol_validates_before_any_work(tmp_path):
     raw.train.X[3, 2, 5] = np.nan
     with pytest.raises(EdgetoolError, match=r"training data: 1 window\(s\)"):
         build_protocol(raw, DataConfig())
+
+
+@pytest.mark.parametrize("test_shape", [(6, 4, 16), (6, 3, 20)], ids=["channels", "length"])
+def test_npz_test_file_of_another_shape_is_refused(tmp_path, test_shape):
+    """A separate test .npz must match the training inputs: other channels used to crash the
+    normalisation (numpy broadcast error) and another length was accepted silently."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "test.npz", X=rng.normal(size=test_shape).astype(np.float32), y=np.repeat([0, 1, 2], 2))
+    with pytest.raises(EdgetoolError, match=r"train and test inputs differ in shape: \(3, 16\) vs " + re.escape(str(test_shape[1:]))):
+        load_npz_via_recipe(tmp_path, npz_arrays(), test_path="test.npz")

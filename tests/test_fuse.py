@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from torch import nn
 
 import toolchain.fuse as fuse_mod
+from toolchain.artifacts import sha256_file
 from toolchain.cli import main
 from toolchain.errors import EdgetoolError, NotMergeableError
 from toolchain.export import compare_graph_structure, run_onnx
@@ -197,6 +198,18 @@ def test_equivalence_check_names_a_broken_layer():
     assert bad == {"conv"}  # each layer sees the adapted model's own input, so the error does not propagate
 
 
+def test_equivalence_check_fails_a_layer_that_outputs_nan():
+    # max() keeps its first argument against a NaN, so a NaN difference must be handled explicitly.
+    reference, adapted, method, shape = _adapted_toy(MethodConfig(name="ttlora", rank=2), "conv1d_bias")
+    fused = fuse_model(method, adapted)
+    with torch.no_grad():
+        fused.conv.weight[0, 0, 0] = float("nan")
+    X = np.random.default_rng(3).standard_normal((8, *shape)).astype(np.float32)
+    report = check_equivalence(adapted, fused, X, 1e-4, 1e-5)
+    assert not report.passed and report.worst_layer == "conv"
+    assert {l.name for l in report.layers if not l.passed} == {"conv"}
+
+
 # ---------------------------------------------------------------------------------------------- CLI end to end
 
 
@@ -236,6 +249,7 @@ def test_cli_end_to_end_writes_the_contracted_engine_dir(exported, tiny_run):
     assert sum(l["type"] == "Conv1d" for l in r["layers"]) == 12  # every conv of the ResNet1d compared
     assert r["ort_f1"] == r["torch_f1"] and r["ort_predictions_identical"]
     assert r["fp16_argmax_agreement"] >= 0.95
+    assert r["adapter_sha256"] == sha256_file(Path(tiny_run) / "adapter.pt")  # verify uses it to spot stale engines
     metrics = json.loads((Path(tiny_run) / "metrics.json").read_text())
     assert r["torch_f1"] == pytest.approx(metrics["f1_after"], abs=1e-9)  # the fused model scores as the adapted one
 
@@ -321,6 +335,20 @@ def test_unmergeable_run_is_refused_with_one_line(tiny_run, tmp_path, monkeypatc
     assert result.exit_code == 2
     assert output.count("edgetool: error:") == 1 and "inference cost" in output
     assert not (tmp_path / "eng").exists()
+
+
+def test_non_finite_adapter_is_refused_naming_the_weight(tiny_run, tmp_path):
+    run = _copy_run(tiny_run, tmp_path / "run")
+    payload = torch.load(run / "adapter.pt", weights_only=True)
+    key = next(k for k, v in payload["state"].items() if v.is_floating_point())
+    payload["state"][key].view(-1)[0] = float("nan")  # a diverged adaptation
+    torch.save(payload, run / "adapter.pt")
+    out = tmp_path / "eng"
+    result, output = _invoke(["fuse-export", str(run), "--out", str(out)])
+    assert result.exit_code == 2, output
+    line = [l for l in output.splitlines() if l.startswith("edgetool: error:")]
+    assert len(line) == 1 and "NaN or inf" in line[0] and str(run / "adapter.pt") in line[0]
+    assert not out.exists() and not (tmp_path / "eng.failed-report.json").exists()
 
 
 def test_not_a_run_dir(tmp_path):

@@ -54,10 +54,23 @@ def with_(**sections) -> dict:
         ("", r"the file is empty"),
         ("name: [unclosed\n", r"malformed YAML at line 2"),
         ("name: r\nmodel:\n  checkpoint: a.pt\n\twidth: 3\n", r"malformed YAML at line 4"),
+        # numpy's seeded generators refuse negative seeds: a recipe error, not an internal one at run time
+        (with_(seed=-1), r"field 'seed': .*greater than or equal to 0"),
+        (with_(data={"shift": {"seed": -5}}), r"field 'data.shift.seed': .*greater than or equal to 0"),
+        # an empty domain list used to crash the protocol with numpy's "need at least one array"
+        (with_(data={"source_domains": [1], "target_domains": []}), r"field 'data.target_domains': .*at least 1 item"),
+        (with_(data={"classes": ["sit", "walk", "sit"]}), r"field 'data.classes': lists \['sit'\] more than once"),
+        (with_(data={"source_domains": [1, 1], "target_domains": [2]}), r"field 'data.source_domains': lists \[1\]"),
+        # a single pattern given as a string: name the field and the fix, not pydantic's union branch
+        (with_(method={"layers": "features.*"}), r"field 'method.layers': expected 'all', 'pointwise' or a list "
+                                                 r"of name patterns such as \['features.\*'\]"),
+        (with_(method={"layers": [3]}), r"field 'method.layers': layer name patterns must be strings"),
     ],
     ids=["unknown-top-key", "unknown-nested-key", "unknown-method", "rank-0", "rank-negative", "no-layers",
          "lr-0", "steps-type", "npz-no-path", "ts-no-test", "half-domains", "rotation-range", "axis-group",
-         "factory-missing", "factory-format", "no-model", "list", "empty", "yaml-unclosed", "yaml-tab"],
+         "factory-missing", "factory-format", "no-model", "list", "empty", "yaml-unclosed", "yaml-tab",
+         "negative-seed", "negative-shift-seed", "empty-domains", "duplicate-classes", "duplicate-domains",
+         "layers-string", "layers-not-strings"],
 )
 def test_recipe_errors_are_one_line_naming_the_problem(tmp_path, raw, message):
     path = write(tmp_path, raw)

@@ -95,10 +95,13 @@ def test_report_has_the_promised_fields_and_consistent_latency(auto_run):
     u = r["unfused_onnx"]
     assert u["unfused_nodes"] > u["fused_nodes"]  # the adapter is in that graph...
     assert u["unfused_nodes_after_ort_folding"] == u["fused_nodes"]  # ...until ONNX Runtime folds its constants
+    # like for like: the same folding applied to fused.onnx (MobileNet's Clip bounds fold too, so its raw
+    # node count is not comparable with the folded unfused count)
+    assert u["fused_nodes_after_ort_folding"] == u["unfused_nodes_after_ort_folding"]
     assert [c["name"] for c in r["checks"]] == [
         "accuracy.fp32.argmax_agreement", "accuracy.fp32.f1_delta", "accuracy.fp32.output_error",
         "accuracy.fp16.argmax_agreement", "accuracy.fp16.f1_delta", "accuracy.fp16.output_error",
-        "latency.batch_1", "latency.batch_8"]
+        "structure.fp32.graph_identical", "structure.fp16.graph_identical", "latency.batch_1", "latency.batch_8"]
     assert r["changed_since_export"] == []
 
 
@@ -109,6 +112,24 @@ def test_junit_has_one_testcase_per_check(auto_run, engine_dir):
     assert len(cases) == len(r["checks"]) and root.get("failures") == "0"
     assert {c.get("name") for c in cases} >= {"fp32.output_error", "batch_1"}
     assert not root.findall(".//failure")
+
+
+def test_swapped_original_onnx_of_another_structure_fails_the_structure_check(engine_dir, tmp_path):
+    """Latency parity only means something between identical graphs: verify re-proves it on the files it times."""
+    eng = _copy(engine_dir, tmp_path, "swapped")
+    model = onnx.load(eng / "original.onnx")
+    model.graph.node[0].name = model.graph.node[0].name + "_other"  # still a valid graph, no longer the same one
+    onnx.checker.check_model(model)
+    onnx.save(model, eng / "original.onnx")
+
+    res = CliRunner().invoke(main, ["verify", str(eng), "--engine", "onnxruntime", "--iterations", "3", "--warmup", "0"])
+    assert res.exit_code == 1, res.output
+    err = res.stderr.strip()
+    assert "\n" not in err and "structure.fp32.graph_identical" in err
+    r = json.loads((eng / "verify_report.json").read_text())
+    assert "structure.fp32.graph_identical" in r["failed_checks"]
+    # The fp16 pair is untouched and a renamed node computes the same thing (latency is not asserted: 3 runs).
+    assert not any(c.startswith(("structure.fp16", "accuracy.")) for c in r["failed_checks"])
 
 
 def test_tampered_fused_onnx_fails_naming_the_check(engine_dir, tmp_path):
@@ -148,7 +169,7 @@ def test_tensorrt_absent_exits_2_with_one_line(engine_dir, tmp_path, monkeypatch
     assert not (eng / "verify_report.json").exists()
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "incomplete", "bad_json", "corrupt_onnx"])
+@pytest.mark.parametrize("case", ["missing", "empty", "incomplete", "bad_json", "malformed_report", "corrupt_onnx"])
 def test_bad_engine_dir_exits_2(case, engine_dir, tmp_path):
     target = tmp_path / "eng"
     if case == "empty":
@@ -159,6 +180,10 @@ def test_bad_engine_dir_exits_2(case, engine_dir, tmp_path):
     elif case == "bad_json":
         target = _copy(engine_dir, tmp_path)
         (target / "fuse_report.json").write_text("{oops")
+    elif case == "malformed_report":
+        target = _copy(engine_dir, tmp_path)
+        rep = json.loads((target / "fuse_report.json").read_text())
+        (target / "fuse_report.json").write_text(json.dumps({**rep, "input_shape": ["6", "x"], "run_dir": None}))
     elif case == "corrupt_onnx":
         target = _copy(engine_dir, tmp_path)
         (target / "fused.onnx").write_bytes(b"not a protobuf")
@@ -167,9 +192,59 @@ def test_bad_engine_dir_exits_2(case, engine_dir, tmp_path):
     err = res.stderr.strip()
     assert "\n" not in err and err.startswith("edgetool: error:")
     expected = {"missing": "ENGINE_DIR not found", "empty": "no fuse_report.json",
-                "incomplete": "fused.fp16.onnx not found", "bad_json": "not valid JSON",
+                "incomplete": "fused.fp16.onnx not found", "bad_json": "not valid JSON", "malformed_report": "is malformed",
                 "corrupt_onnx": "onnxruntime cannot load"}[case]
     assert expected in err
+
+
+def _verify_fails_with_2(eng, expected):
+    res = CliRunner().invoke(main, ["verify", str(eng), "--engine", "onnxruntime", *FAST])
+    assert res.exit_code == 2, res.output
+    err = res.stderr.strip()
+    assert "\n" not in err and err.startswith("edgetool: error:") and expected in err
+    # a report from an earlier, passing verify of this directory must not survive a run that stopped
+    assert not (eng / "verify_report.json").exists() and not (eng / "verify_junit.xml").exists()
+
+
+def test_stale_reports_are_removed_when_engine_dir_became_incomplete(auto_run, engine_dir, tmp_path):
+    assert (engine_dir / "verify_junit.xml").is_file()  # left by a passing verify
+    eng = tmp_path / "eng"
+    shutil.copytree(engine_dir, eng)
+    (eng / "fused.fp16.onnx").unlink()
+    _verify_fails_with_2(eng, "fused.fp16.onnx not found")
+
+
+def test_engines_of_an_earlier_adapter_are_refused(auto_run, engine_dir, tiny_run, tmp_path):
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    payload = torch.load(run / "adapter.pt", weights_only=True)
+    payload["state"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in payload["state"].items()}
+    torch.save(payload, run / "adapter.pt")  # the run adapted again after fuse-export
+    eng = tmp_path / "eng"
+    shutil.copytree(engine_dir, eng)
+    rep = json.loads((eng / "fuse_report.json").read_text())
+    (eng / "fuse_report.json").write_text(json.dumps({**rep, "run_dir": str(run)}))
+    _verify_fails_with_2(eng, "changed since fuse-export")
+
+
+def test_run_dir_gone_is_named_as_recorded(engine_dir, tmp_path):
+    eng = _copy(engine_dir, tmp_path)
+    rep = json.loads((eng / "fuse_report.json").read_text())
+    (eng / "fuse_report.json").write_text(json.dumps({**rep, "run_dir": str(tmp_path / "moved-away")}))
+    _verify_fails_with_2(eng, "no longer exists")
+
+
+def test_unwritable_engine_dir_is_refused_before_any_work(engine_dir, tmp_path, monkeypatch):
+    import toolchain.verify as verify_mod
+
+    eng = _copy(engine_dir, tmp_path)
+    # chmod does not stop root (CI containers often run as root), so the permission answer is simulated
+    monkeypatch.setattr(verify_mod.os, "access", lambda path, mode: not (mode & verify_mod.os.W_OK))
+    res = CliRunner().invoke(main, ["verify", str(eng), "--engine", "onnxruntime", *FAST])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.strip().startswith("edgetool: error: ENGINE_DIR") and "not writable" in res.stderr
 
 
 @needs_tensorrt

@@ -112,14 +112,16 @@ def check_model_io(model: nn.Module, data: DataBundle) -> None:
 RUN_FILES = ("recipe.yaml", "adapter.pt", "metrics.json")
 
 
-def check_run_output(out_dir: Path, recipe: Recipe) -> None:
-    """A run directory replaces whatever is at `out_dir`: refuse anything that is not an earlier run
-    (checked before any work, so a wrong --out never costs a training run or deletes a user's files)."""
+def check_run_output(out_dir: Path, recipe: Recipe, own_files: tuple[str, ...] = RUN_FILES,
+                     what: str = "an edgetool run directory") -> None:
+    """An output directory replaces whatever is at `out_dir`: refuse anything that is not an earlier
+    output of the same stage, i.e. lacks one of `own_files` (checked before any work, so a wrong --out
+    never costs a training run or deletes a user's files)."""
     out = out_dir.resolve()
     if out.exists() and not out.is_dir():
         raise EdgetoolError(f"output path {out_dir} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not all((out / name).is_file() for name in RUN_FILES):
-        raise EdgetoolError(f"output directory {out_dir} exists and is not an edgetool run directory; "
+    if out.is_dir() and any(out.iterdir()) and not all((out / name).is_file() for name in own_files):
+        raise EdgetoolError(f"output directory {out_dir} exists and is not {what}; "
                             "refusing to replace it (choose another --out)")
     if out in recipe.model.checkpoint.resolve().parents:  # replacing the run dir would delete the base
         raise EdgetoolError(f"output directory {out_dir} contains the model.checkpoint {recipe.model.checkpoint}; "

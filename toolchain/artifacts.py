@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -74,7 +75,22 @@ def atomic_write_text(path: Path | str, text: str) -> None:
 
 
 def atomic_write_json(path: Path | str, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    # Strict JSON: a NaN/inf figure (a diverged run, a failed check) is written as null, which every
+    # parser reads, instead of Python's non-standard NaN token.
+    text = json.dumps(_finite_or_null(obj), indent=2, sort_keys=False, default=_json_default, allow_nan=False)
+    atomic_write_text(path, text + "\n")
+
+
+def _finite_or_null(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:  # numpy/torch scalars
+        return _finite_or_null(obj.item())
+    return obj
 
 
 def _json_default(obj: Any) -> Any:

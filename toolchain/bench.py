@@ -41,7 +41,7 @@ from pydantic import ValidationError
 from torch import nn
 from tqdm import tqdm
 
-from .adapt import check_model_io, build_adapted, load_base_model, pretrain, reference_model
+from .adapt import build_adapted, check_model_io, check_run_output, load_base_model, pretrain, reference_model
 from .artifacts import atomic_dir, atomic_write_json, atomic_write_text
 from .cliutil import echo as _echo
 from .cliutil import reports_errors
@@ -79,6 +79,9 @@ MEASUREMENT = {
     "steps_to_target": "first evaluation step with macro-F1 >= train.target_f1; mean/std over the seeds that reached it",
 }
 
+
+# What a bench directory always holds: `--out` may replace only a directory that has them.
+BENCH_FILES = ("bench.json", "bench.md")
 
 # ---------------------------------------------------------------------------------------------- set-up
 
@@ -390,6 +393,7 @@ def run_bench(recipe: Recipe, methods: list[str] | None = None, seeds: int | Non
         raise EdgetoolError(f"--seeds must be a positive number of seeds, got {n_seeds}")
     configs = method_configs(recipe, methods)
     out_dir = Path(out_dir) if out_dir is not None else Path("runs") / "bench" / recipe.name
+    check_run_output(out_dir, recipe, BENCH_FILES, "an edgetool bench directory")
 
     base_data = load_data(recipe.data, recipe.seed)
     if not recipe.model.checkpoint.exists():
@@ -400,6 +404,10 @@ def run_bench(recipe: Recipe, methods: list[str] | None = None, seeds: int | Non
     reference = reference_model(base, head_name, base_data)
     check_model_io(reference, base_data)
     total = count_params(reference)
+    # Inject every method once before any training: one that does not fit this model (a layer selection
+    # matching no conv, a linear adapter on grouped convs only) fails now, not after the others have run.
+    for mcfg, _ in configs.values():
+        build_adapted(recipe, mcfg, base, head_name, base_data)
 
     seed_values = [recipe.seed + i for i in range(n_seeds)]
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}

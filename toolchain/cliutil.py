@@ -22,6 +22,12 @@ def reports_errors(fn):
         except EdgetoolError as exc:
             click.echo(f"edgetool: error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except BrokenPipeError:
+            # `edgetool ... | head` closed the pipe: not an error of ours. Point stdout at /dev/null so
+            # the interpreter's final flush does not raise again.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(141)
         except KeyboardInterrupt:
             click.echo("edgetool: interrupted; no partial output was kept", err=True)
             sys.exit(130)

@@ -339,8 +339,6 @@ def _stratified_split(y: np.ndarray, test_fraction: float, rng: np.random.Genera
 def _concat(a: Split, b: Split | None) -> Split:
     if b is None:
         return a
-    if a.X.shape[1:] != b.X.shape[1:]:
-        raise EdgetoolError(f"train and test inputs differ in shape: {a.X.shape[1:]} vs {b.X.shape[1:]}")
     dom = None if a.domain is None or b.domain is None else np.concatenate([a.domain, b.domain])
     return Split(np.concatenate([a.X, b.X]), np.concatenate([a.y, b.y]), dom)
 
@@ -352,6 +350,8 @@ def build_protocol(raw: RawDataset, cfg: DataConfig, seed: int = 0) -> DataBundl
     for split, label in ((raw.train, "training data"), (raw.test, "test data")):
         if split is not None:
             validate_split(split, label, K, required_classes=[], class_names=names)
+    if raw.test is not None and raw.test.X.shape[1:] != raw.train.X.shape[1:]:
+        raise EdgetoolError(f"train and test inputs differ in shape: {raw.train.X.shape[1:]} vs {raw.test.X.shape[1:]}")
     rng = np.random.default_rng([seed, 17])
 
     if cfg.source_domains is not None:

@@ -12,6 +12,7 @@ architecture only, which is what the zero-overhead proof compares. See docs/fuse
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import warnings
 from dataclasses import dataclass, field
@@ -55,12 +56,15 @@ def export_onnx(model: nn.Module, sample_input: torch.Tensor, path: Path | str, 
         raise EdgetoolError(f"recipe field 'fuse.opset': {opset} is outside what the exporter supports (13..{MAX_OPSET})")
     model = copy.deepcopy(model).eval()
     buf = io.BytesIO()
+    # torch >= 2.5 takes `dynamo` (and newer releases default it to True); older torch, e.g. a JetPack
+    # 6 wheel, has only the TorchScript exporter and rejects the keyword.
+    exporter = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
     with warnings.catch_warnings():
         # The TorchScript exporter announces its deprecation on every call; the choice is deliberate.
         warnings.simplefilter("ignore")
         with torch.no_grad():
             torch.onnx.export(
-                model, (sample_input,), buf, dynamo=False, opset_version=opset,
+                model, (sample_input,), buf, opset_version=opset, **exporter,
                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                 dynamic_axes={INPUT_NAME: {0: BATCH_AXIS}, OUTPUT_NAME: {0: BATCH_AXIS}},
                 training=torch.onnx.TrainingMode.EVAL, do_constant_folding=True,
@@ -104,7 +108,12 @@ class StructureReport:
 
 
 def _load(model: onnx.ModelProto | Path | str) -> onnx.ModelProto:
-    return model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+    if isinstance(model, onnx.ModelProto):
+        return model
+    try:
+        return onnx.load(str(model))
+    except Exception as exc:  # protobuf decode errors and missing files: bad input, not an internal error
+        raise EdgetoolError(f"{model} is not a readable ONNX model ({type(exc).__name__}); rerun `edgetool fuse-export`") from None
 
 
 def _value_info_sig(v: onnx.ValueInfoProto) -> tuple:

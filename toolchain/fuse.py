@@ -9,6 +9,7 @@ goes to `<out>.failed-report.json` beside it, with `passed: false`, and the comm
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -126,8 +127,9 @@ def check_equivalence(adapted: nn.Module, fused: nn.Module, X: np.ndarray, atol:
     def hook_for(name: str, fused_layer: nn.Module):
         def hook(_module, inputs, output):
             y = fused_layer(inputs[0])
-            err[name] = max(err[name], float((y.double() - output.double()).abs().max()) if y.shape == output.shape
-                            else float("inf"))
+            e = float((y.double() - output.double()).abs().max()) if y.shape == output.shape else float("inf")
+            # max() would silently keep the old value against a NaN: a NaN difference is a failure.
+            err[name] = max(err[name], float("inf") if math.isnan(e) else e)
             scale[name] = max(scale[name], float(output.abs().max()))
         return hook
 
@@ -209,6 +211,10 @@ def fuse_export(run_dir: Path | str, out: Path | str | None = None, echo=print) 
         raise EdgetoolError(f"recipe field 'fuse.opset': {cfg.opset} is above what the exporter supports ({ex.MAX_OPSET})")
 
     fused = fuse_model(run.method, run.adapted)
+    non_finite = [k for k, t in fused.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if non_finite:
+        raise EdgetoolError(f"the fused model's '{non_finite[0]}' contains NaN or inf: the adaptation in "
+                            f"{run_dir / 'adapter.pt'} diverged or the file is corrupt; nothing was exported")
     test = run.data.target_test
     input_shape = tuple(run.data.input_shape)
     X_rand = _seeded_inputs(cfg.random_inputs, input_shape, run.recipe.seed)
@@ -226,6 +232,8 @@ def fuse_export(run_dir: Path | str, out: Path | str | None = None, echo=print) 
         "failures": failures,
         "run_dir": str(run_dir),
         "recipe": str(run_dir / "recipe.yaml"),
+        # verify refuses engines exported from an earlier adapter.pt (the run dir re-adapted since).
+        "adapter_sha256": sha256_file(run_dir / "adapter.pt"),
         "method": run.method.name,
         "opset": cfg.opset,
         "input_name": ex.INPUT_NAME,

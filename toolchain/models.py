@@ -123,8 +123,10 @@ def build_model(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Modu
                 f"recipe field 'model.kwargs': {cfg.arch} does not accept {sorted(cfg.kwargs)} ({exc})") from None
     head_name, head = find_head(model, cfg.head)
     if head.out_features != num_classes:
+        # Without model.head the head is a guess (the last nn.Linear registered), so say how to name it.
+        hint = "" if cfg.head else "; if it is not the classifier, set model.head to the classifier's module name"
         raise EdgetoolError(
-            f"model head '{head_name}' has {head.out_features} outputs but the source domain has {num_classes} classes"
+            f"model head '{head_name}' has {head.out_features} outputs but the source domain has {num_classes} classes{hint}"
         )
     return model
 

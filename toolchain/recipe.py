@@ -24,7 +24,7 @@ class ShiftConfig(_Strict):
     offset: float = Field(0.0, ge=0, description="per-channel offset drawn from U(-offset, offset), in channel std units")
     noise: float = Field(0.0, ge=0, description="additive Gaussian noise std, in channel std units")
     axis_groups: list[list[int]] | None = Field(None, description="channel triples rotated together; default: consecutive triples")
-    seed: int = 1234
+    seed: int = Field(1234, ge=0)  # numpy's generators take non-negative seeds only
 
     @field_validator("axis_groups")
     @classmethod
@@ -38,13 +38,20 @@ class DataConfig(_Strict):
     format: Literal["basicmotions", "ts", "uci_har", "npz"] = "basicmotions"
     train_path: Path | None = Field(None, description="ts: the _TRAIN.ts file; uci_har: dataset root; npz: the .npz")
     test_path: Path | None = Field(None, description="ts: the _TEST.ts file; npz: optional separate test .npz")
-    source_domains: list[int] | None = None
-    target_domains: list[int] | None = None
+    source_domains: list[int] | None = Field(None, min_length=1)
+    target_domains: list[int] | None = Field(None, min_length=1)
     shift: ShiftConfig | None = None
     target_shots: int | None = Field(None, gt=0, description="labelled target windows per class for adaptation")
     test_fraction: float = Field(0.5, gt=0, lt=1, description="target share held out for testing when there is no test split")
     source_classes: list[str] | None = Field(None, description="new-classes scenario: classes the source domain has")
     classes: list[str] | None = Field(None, description="the class names the recipe expects; other labels are errors")
+
+    @field_validator("source_domains", "target_domains", "source_classes", "classes")
+    @classmethod
+    def _no_duplicates(cls, v: list | None) -> list | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"lists {sorted({x for x in v if v.count(x) > 1})} more than once")
+        return v
 
     @model_validator(mode="after")
     def _paths_needed(self) -> "DataConfig":
@@ -96,11 +103,16 @@ class MethodConfig(_Strict):
     adapter_reduction: int = Field(4, gt=0, description="adapter: bottleneck width = channels // reduction")
     adapter_kind: Literal["nonlinear", "linear"] = Field("nonlinear", description="adapter: linear variant is fusable")
 
-    @field_validator("layers")
+    @field_validator("layers", mode="before")
     @classmethod
     def _patterns(cls, v: Any) -> Any:
+        # Checked before pydantic's union, whose error would name its internal branch, not the problem.
+        if isinstance(v, str) and v not in ("all", "pointwise"):
+            raise ValueError(f"expected 'all', 'pointwise' or a list of name patterns such as ['{v}'], got {v!r}")
         if isinstance(v, list) and not v:
             raise ValueError("give at least one layer name pattern")
+        if isinstance(v, list) and not all(isinstance(p, str) for p in v):
+            raise ValueError(f"layer name patterns must be strings, got {v!r}")
         return v
 
 
@@ -184,7 +196,7 @@ def method_names() -> tuple[str, ...]:
 
 class Recipe(_Strict):
     name: str
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # numpy's generators take non-negative seeds only
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig
     pretrain: OptimConfig = Field(default_factory=lambda: OptimConfig(steps=300, lr=3e-3, batch_size=16))

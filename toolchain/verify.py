@@ -23,8 +23,8 @@ Outputs (atomic): ENGINE_DIR/verify_report.json, ENGINE_DIR/verify_junit.xml, an
 
 from __future__ import annotations
 
-import copy
 import datetime as _dt
+import os
 import platform
 import tempfile
 import time
@@ -36,7 +36,7 @@ from typing import Any
 import click
 import numpy as np
 
-from .artifacts import atomic_write_bytes, atomic_write_json, read_json
+from .artifacts import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 from .cliutil import echo as _cli_echo
 from .cliutil import reports_errors
 from .errors import EdgetoolError, ParityError
@@ -278,17 +278,27 @@ def read_engine_dir(engine_dir: Path) -> EngineDir:
     for name in ("original.onnx", "fused.onnx", "original.fp16.onnx", "fused.fp16.onnx"):
         if not (engine_dir / name).is_file():
             raise EdgetoolError(f"{engine_dir / name} not found: ENGINE_DIR is incomplete; rerun `edgetool fuse-export`")
-    run_dir = Path(rep["run_dir"])
+    try:
+        run_dir = Path(rep["run_dir"])
+        input_shape = tuple(int(d) for d in rep["input_shape"])
+        opset = int(rep.get("opset", 17))
+    except (TypeError, ValueError) as exc:
+        raise EdgetoolError(f"{report_path} is malformed ({exc}); rerun `edgetool fuse-export`") from None
     if not run_dir.is_absolute():
         run_dir = (engine_dir / run_dir).resolve()
+    if not run_dir.is_dir():
+        raise EdgetoolError(f"the run directory ENGINE_DIR was exported from, {run_dir} (recorded in {report_path}), "
+                            "no longer exists; rerun `edgetool fuse-export RUN_DIR` on the run where it is now")
+    adapter = run_dir / "adapter.pt"
+    if "adapter_sha256" in rep and adapter.is_file() and sha256_file(adapter) != rep["adapter_sha256"]:
+        raise EdgetoolError(f"{adapter} changed since fuse-export wrote {engine_dir} (the run was adapted again): "
+                            f"these engines are of the earlier adapter; rerun `edgetool fuse-export {run_dir}`")
     return EngineDir(engine_dir, rep, run_dir, rep.get("input_name", "input"), rep.get("output_name", "logits"),
-                     tuple(int(d) for d in rep["input_shape"]), int(rep.get("opset", 17)))
+                     input_shape, opset)
 
 
 def changed_since_export(ed: EngineDir) -> list[str]:
     """Files whose sha256 differs from what fuse-export recorded (informational: the checks decide)."""
-    from .artifacts import sha256_file
-
     recorded = ed.fuse_report.get("files") or {}
     return [f for f, h in recorded.items() if (ed.path / f).is_file() and sha256_file(ed.path / f) != h]
 
@@ -307,6 +317,20 @@ def _unfused_onnx(adapted, sample: np.ndarray, opset: int, tmp: Path) -> tuple[P
     except Exception as exc:  # any exporter failure just means "not exportable"; it is reported, not fatal
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return None, 0, f"not exportable to ONNX: {type(exc).__name__}: {first[:200]}"
+
+
+def structure_checks(spec: GraphSpec) -> list[Check]:
+    """Latency parity rests on original and fused being the same graph. fuse-export proved it when it
+    wrote them; prove it again on the files verify times, since files in ENGINE_DIR can be swapped."""
+    from .export import compare_graph_structure
+
+    checks = []
+    for precision in ("fp32", "fp16"):
+        rep = compare_graph_structure(spec.onnx("original", precision), spec.onnx("fused", precision))
+        msg = ("original and fused graphs: same nodes, attributes, I/O and initializer names/shapes/dtypes"
+               if rep.identical else "; ".join(rep.differences[:3]))
+        checks.append(Check(f"structure.{precision}.graph_identical", rep.identical, msg))
+    return checks
 
 
 def _accuracy_phase(backend: Backend, spec: GraphSpec, test, torch_out: np.ndarray, cfg: VerifyConfig,
@@ -374,7 +398,7 @@ def _nodes_after_ort_folding(path: Path, tmp: Path) -> int:
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    opts.optimized_model_filepath = str(tmp / "unfused.ort-basic.onnx")
+    opts.optimized_model_filepath = str(tmp / f"{path.stem}.ort-basic.onnx")
     ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     return len(onnx.load(opts.optimized_model_filepath).graph.node)
 
@@ -417,6 +441,8 @@ def _unfused_phase(adapted, fused, backend: Backend, spec: GraphSpec, ed: Engine
         info["status"] = note or "exported and timed on ONNX Runtime (FP32) against fused.onnx"
         if path is not None:
             info["unfused_nodes_after_ort_folding"] = _nodes_after_ort_folding(path, Path(tmp))
+            # The same folding on fused.onnx, for a like-for-like count (it folds e.g. Clip's Constant bounds too).
+            info["fused_nodes_after_ort_folding"] = _nodes_after_ort_folding(spec.onnx("fused", "fp32"), Path(tmp))
             with OnnxRuntimeRunner(path, "unfused", "fp32", ort.providers, ed.input_name, ed.output_name) as ru, \
                     ort.runner(spec, "fused", "fp32") as rf:
                 time_pair("onnxruntime", ru, rf)
@@ -432,14 +458,21 @@ def verify(engine_dir: Path | str, engine: str = "auto", echo=print, iterations:
     """Run every check, write verify_report.json and verify_junit.xml, print a summary; returns the report.
     Raises ParityError (exit 1) naming the failed checks, EdgetoolError (exit 2) for bad input/environment."""
     t_start = time.perf_counter()
-    ed = read_engine_dir(Path(engine_dir))
-    # A report left from an earlier run must not stand for this one if it stops early (exit 2).
-    for stale in (REPORT_NAME, JUNIT_NAME):
-        (ed.path / stale).unlink(missing_ok=True)
+    engine_dir = Path(engine_dir)
+    if engine_dir.is_dir():
+        # Reports left from an earlier run must not stand for this one if it stops early (exit 2), whatever
+        # stops it (an incomplete ENGINE_DIR included): a CI collector reads the JUnit file regardless.
+        if not os.access(engine_dir, os.W_OK | os.X_OK):
+            raise EdgetoolError(f"ENGINE_DIR {engine_dir} is not writable (verify writes {REPORT_NAME} and "
+                                f"{JUNIT_NAME} there)")
+        for stale in (REPORT_NAME, JUNIT_NAME):
+            (engine_dir / stale).unlink(missing_ok=True)
+    ed = read_engine_dir(engine_dir)
     backend, selection = select_backend(engine)
     _log(echo, f"engine: {backend.name} ({selection})")
 
     from .adapt import load_run
+    from .fuse import fuse_model
 
     run = load_run(ed.run_dir)
     cfg = run.recipe.verify.model_copy()
@@ -455,7 +488,7 @@ def verify(engine_dir: Path | str, engine: str = "auto", echo=print, iterations:
         raise EdgetoolError(f"the run's target data is shaped {tuple(test.X.shape[1:])} but the engines expect "
                             f"{ed.input_shape}: ENGINE_DIR was exported from another run")
     adapted = run.adapted.eval()
-    fused = run.method.merge(copy.deepcopy(run.adapted)).eval()
+    fused = fuse_model(run.method, run.adapted)
     spec = GraphSpec(ed.path, ed.input_name, ed.output_name, ed.input_shape, max_batch=max(batch_sizes),
                      opt_batch=max(batch_sizes))
     with TorchRunner(fused, "fused PyTorch", "fused") as r:
@@ -463,6 +496,7 @@ def verify(engine_dir: Path | str, engine: str = "auto", echo=print, iterations:
 
     phase_seconds = {"load": time.perf_counter() - t_start}
     accuracy, checks = _accuracy_phase(backend, spec, test, torch_out, cfg, echo)
+    checks += structure_checks(spec)
     phase_seconds["accuracy"] = time.perf_counter() - t_start - sum(phase_seconds.values())
     latency, band, lat_checks = _latency_phase(backend, spec, test.X, batch_sizes, cfg, echo)
     checks += lat_checks
@@ -517,6 +551,9 @@ def verify(engine_dir: Path | str, engine: str = "auto", echo=print, iterations:
 
 def summary(report: dict[str, Any], checks: list[Check], engine_dir: Path) -> str:
     lines = []
+    for c in checks:
+        if c.name.startswith("structure."):
+            lines.append(f"structure {c.name.split('.')[1]}: {c.message}  {'PASS' if c.passed else 'FAIL'}")
     for p, a in report["accuracy"].items():
         ok = all(c.passed for c in checks if c.name.startswith(f"accuracy.{p}."))
         lines.append(f"accuracy {p}: argmax agreement {a['argmax_agreement']:.3f}, macro-F1 PyTorch {a['f1_torch']:.3f} "
@@ -540,7 +577,8 @@ def summary(report: dict[str, Any], checks: list[Check], engine_dir: Path) -> st
     if saved:
         u = report["unfused_onnx"]
         folded = (f" (ONNX Runtime constant-folds the unfused graph's adapter at load: {u['unfused_nodes']} -> "
-                  f"{u['unfused_nodes_after_ort_folding']} nodes; fused.onnx has {u['fused_nodes']})"
+                  f"{u['unfused_nodes_after_ort_folding']} nodes; fused.onnx {u['fused_nodes']} -> "
+                  f"{u['fused_nodes_after_ort_folding']})"
                   if "unfused_nodes_after_ort_folding" in u else "")
         lines.append("unfused adapted / fused median latency: " + "; ".join(saved) + folded)
     n_fail = len(report["failed_checks"])
