@@ -21,7 +21,7 @@ import torch
 import yaml
 from torch import nn
 
-from .artifacts import atomic_dir, atomic_write_json, read_json, sha256_file
+from .artifacts import atomic_dir, check_output_dir, atomic_write_json, read_json, sha256_file
 from .data import DataBundle, load_data
 from .errors import EdgetoolError
 from .methods import AdaptationMethod, get_method
@@ -81,6 +81,14 @@ def load_base_model(recipe: Recipe, data: DataBundle, echo=print) -> tuple[nn.Mo
     return model.eval(), head_name, sha256_file(recipe.model.checkpoint)
 
 
+def ensure_base_model(recipe: Recipe, data: DataBundle, progress: bool = True, echo=print) -> tuple[nn.Module, str, str]:
+    """load_base_model, pretraining the base on the source domain first when its checkpoint is missing."""
+    if not recipe.model.checkpoint.exists():
+        _log(echo, f"base checkpoint {recipe.model.checkpoint} is missing: pretraining it first")
+        pretrain(recipe, data, progress=progress, echo=echo)
+    return load_base_model(recipe, data, echo)
+
+
 def reference_model(base: nn.Module, head_name: str, data: DataBundle) -> nn.Module:
     """The method-free architecture the target uses: the base, with the head grown for new classes."""
     ref = copy.deepcopy(base)
@@ -112,34 +120,15 @@ def check_model_io(model: nn.Module, data: DataBundle) -> None:
 RUN_FILES = ("recipe.yaml", "adapter.pt", "metrics.json")
 
 
-def check_run_output(out_dir: Path, recipe: Recipe, own_files: tuple[str, ...] = RUN_FILES,
-                     what: str = "an edgetool run directory") -> None:
-    """An output directory replaces whatever is at `out_dir`: refuse anything that is not an earlier
-    output of the same stage, i.e. lacks one of `own_files` (checked before any work, so a wrong --out
-    never costs a training run or deletes a user's files)."""
-    out = out_dir.resolve()
-    if out.exists() and not out.is_dir():
-        raise EdgetoolError(f"output path {out_dir} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not all((out / name).is_file() for name in own_files):
-        raise EdgetoolError(f"output directory {out_dir} exists and is not {what}; "
-                            "refusing to replace it (choose another --out)")
-    if out in recipe.model.checkpoint.resolve().parents:  # replacing the run dir would delete the base
-        raise EdgetoolError(f"output directory {out_dir} contains the model.checkpoint {recipe.model.checkpoint}; "
-                            "choose another --out")
-
-
 def adapt(recipe: Recipe, out_dir: Path | None = None, progress: bool = True, echo=print,
           method_cfg: MethodConfig | None = None) -> Path:
     """Zero-shot evaluation, fine-tuning on the target train split, evaluation again; writes a run dir."""
     check_inputs_exist(recipe)
     method_cfg = method_cfg or recipe.method
     out_dir = Path(out_dir) if out_dir is not None else Path("runs") / recipe.name
-    check_run_output(out_dir, recipe)
+    check_output_dir(out_dir, RUN_FILES, "an edgetool run directory", (("model.checkpoint", recipe.model.checkpoint),))
     data = load_data(recipe.data, recipe.seed)
-    if not recipe.model.checkpoint.exists():
-        _log(echo, f"base checkpoint {recipe.model.checkpoint} is missing: pretraining it first")
-        pretrain(recipe, data, progress=progress, echo=echo)
-    base, head_name, base_sha = load_base_model(recipe, data, echo)
+    base, head_name, base_sha = ensure_base_model(recipe, data, progress, echo)
     seed_everything(recipe.seed)  # methods with random initialisation (LoRA's A) start the same every run
     model, method = build_adapted(recipe, method_cfg, base, head_name, data)
     check_model_io(model, data)

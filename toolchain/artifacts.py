@@ -32,6 +32,28 @@ def _check_parent_writable(path: Path) -> None:
         raise EdgetoolError(f"output directory {parent} is not writable")
 
 
+def check_output_dir(out: Path | str, own_files: tuple[str, ...], what: str,
+                     protected: tuple[tuple[str, Path], ...] = ()) -> Path:
+    """Guard a stage's --out before any work: the stage's output replaces whatever is at `out` (see
+    atomic_dir), so refuse a file, a non-empty directory that is not an earlier output of the same stage
+    (lacks one of `own_files`), and a directory that is or contains a `protected` input; create the parent
+    and check it is writable. Returns the resolved path."""
+    out = Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise EdgetoolError(f"output path {out} exists and is not a directory")
+    reasons = []
+    if out.is_dir() and any(out.iterdir()) and not all((out / name).is_file() for name in own_files):
+        reasons.append(f"exists and is not {what}")
+    for noun, path in protected:
+        path = Path(path).resolve()
+        if out == path or out in path.parents:
+            reasons.append(f"would replace the {noun}: it is or contains the {noun} {path}")
+    if reasons:
+        raise EdgetoolError(f"output directory {out} {' and '.join(reasons)}; refusing to replace it (choose another --out)")
+    _check_parent_writable(out)
+    return out
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path | str) -> Iterator[Path]:
     """Yield a fresh temp directory next to `final`; on success it replaces `final` in one rename."""

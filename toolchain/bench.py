@@ -41,12 +41,13 @@ from pydantic import ValidationError
 from torch import nn
 from tqdm import tqdm
 
-from .adapt import build_adapted, check_model_io, check_run_output, load_base_model, pretrain, reference_model
-from .artifacts import atomic_dir, atomic_write_json, atomic_write_text
+from .adapt import build_adapted, check_model_io, ensure_base_model, reference_model
+from .artifacts import atomic_dir, check_output_dir, atomic_write_json, atomic_write_text
 from .cliutil import echo as _echo
 from .cliutil import reports_errors
 from .data import DataBundle, load_data
 from .errors import EdgetoolError, NotMergeableError
+from .export import compare_graph_structure, export_onnx
 from .models import count_params
 from .plots import plot_f1_curves, plot_scatter
 from .recipe import (MethodConfig, OptimConfig, Recipe, format_validation_error, method_names, check_inputs_exist,
@@ -242,7 +243,7 @@ def adapter_bytes(method, model: nn.Module) -> int:
     return len(buf.getvalue())
 
 
-def fusion_check(method, adapted: nn.Module, reference_onnx: Path | None, sample: torch.Tensor, test_X: np.ndarray,
+def fusion_check(method, adapted: nn.Module, reference_onnx: Path, sample: torch.Tensor, test_X: np.ndarray,
                  workdir: Path, opset: int) -> dict[str, Any]:
     """Merge the trained adapter; for a mergeable method export the fused model to ONNX and compare its
     graph with the method-free reference's (identical graph = zero inference overhead)."""
@@ -254,25 +255,12 @@ def fusion_check(method, adapted: nn.Module, reference_onnx: Path | None, sample
     with torch.no_grad():
         diff = float((fused.eval()(x) - adapted.eval()(x)).abs().max())
     row: dict[str, Any] = {"mergeable": True, "fused_max_abs_diff": diff}
-    if reference_onnx is None:
-        row.update(zero_overhead=None, overhead_reason="toolchain.export is not available: the ONNX graph was not compared")
-        return row
-    from .export import compare_graph_structure, export_onnx
-
     path = workdir / f"fused-{method.name}.onnx"
     export_onnx(fused, sample, path, opset)
     report = compare_graph_structure(reference_onnx, path)
     row["zero_overhead"] = bool(report.identical)
     row["overhead_reason"] = None if report.identical else "fused graph differs from the reference: " + "; ".join(report.differences[:3])
     return row
-
-
-def _export_available() -> bool:
-    try:
-        from .export import compare_graph_structure, export_onnx  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -358,8 +346,6 @@ def markdown_table(result: dict[str, Any]) -> str:
         steps = _pm(r["steps_to_target_mean"], r["steps_to_target_std"], ".0f") if r["steps_to_target_reached"] else "never"
         if r["zero_overhead"] is True:
             fused = "yes (graph identical)"
-        elif r["mergeable"] and r["zero_overhead"] is None:
-            fused = "mergeable (graph not compared)"
         elif r["mergeable"]:
             fused = "no (graph differs)"
         else:
@@ -393,14 +379,10 @@ def run_bench(recipe: Recipe, methods: list[str] | None = None, seeds: int | Non
         raise EdgetoolError(f"--seeds must be a positive number of seeds, got {n_seeds}")
     configs = method_configs(recipe, methods)
     out_dir = Path(out_dir) if out_dir is not None else Path("runs") / "bench" / recipe.name
-    check_run_output(out_dir, recipe, BENCH_FILES, "an edgetool bench directory")
+    check_output_dir(out_dir, BENCH_FILES, "an edgetool bench directory", (("model.checkpoint", recipe.model.checkpoint),))
 
     base_data = load_data(recipe.data, recipe.seed)
-    if not recipe.model.checkpoint.exists():
-        if echo is not None:
-            echo(f"base checkpoint {recipe.model.checkpoint} is missing: pretraining it first")
-        pretrain(recipe, base_data, progress=progress, echo=echo)
-    base, head_name, _ = load_base_model(recipe, base_data, echo)
+    base, head_name, _ = ensure_base_model(recipe, base_data, progress, echo)
     reference = reference_model(base, head_name, base_data)
     check_model_io(reference, base_data)
     total = count_params(reference)
@@ -416,12 +398,8 @@ def run_bench(recipe: Recipe, methods: list[str] | None = None, seeds: int | Non
     with tempfile.TemporaryDirectory(prefix="edgetool-bench-") as tmp:
         workdir = Path(tmp)
         sample = torch.from_numpy(base_data.target_test.X[:1])
-        reference_onnx = None
-        if _export_available():
-            from .export import export_onnx
-
-            reference_onnx = workdir / "reference.onnx"
-            export_onnx(reference, sample, reference_onnx, recipe.fuse.opset)
+        reference_onnx = workdir / "reference.onnx"
+        export_onnx(reference, sample, reference_onnx, recipe.fuse.opset)
         bar = tqdm(total=len(methods) * n_seeds, desc=f"bench {recipe.name}", unit="run",
                    disable=None if progress else True)
         for index, seed in enumerate(seed_values):

@@ -21,10 +21,10 @@ import onnx
 import torch
 from torch import nn
 
-from .artifacts import atomic_dir, atomic_write_json, sha256_file
+from .artifacts import atomic_dir, check_output_dir, atomic_write_json, sha256_file
 from .cliutil import echo as _echo
 from .cliutil import reports_errors
-from .errors import EdgetoolError, NotMergeableError, ParityError
+from .errors import EdgetoolError, ParityError
 from .methods.base import BN_TYPES, AdaptationMethod
 from .models import CONV_TYPES
 from .train import macro_f1, predict_logits
@@ -39,15 +39,9 @@ REPORT = "fuse_report.json"
 
 
 def fuse_model(method: AdaptationMethod, adapted: nn.Module) -> nn.Module:
-    """The fused model, through the method interface only (`method.merge`), in eval mode."""
-    try:
-        fused = method.merge(adapted)
-    except NotMergeableError as exc:
-        msg = str(exc)
-        if "inference cost" not in msg:
-            msg += "; keeping it unfused would leave extra modules in the exported graph and add inference cost"
-        raise NotMergeableError(msg) from None
-    return fused.eval()
+    """The fused model, through the method interface only (`method.merge`), in eval mode. A method that
+    cannot be fused raises NotMergeableError saying what inference cost it would add."""
+    return method.merge(adapted).eval()
 
 
 def architecture_differences(fused: nn.Module, reference: nn.Module, limit: int = 20) -> list[str]:
@@ -173,22 +167,8 @@ def check_equivalence(adapted: nn.Module, fused: nn.Module, X: np.ndarray, atol:
 
 
 def _output_dir(run_dir: Path, out: Path | None) -> Path:
-    out = (Path(out) if out is not None else Path("engines") / run_dir.name).resolve()
-    if out == run_dir or out in run_dir.parents:
-        raise EdgetoolError(f"output directory {out} would replace the run directory {run_dir}; choose another --out")
-    if out.exists() and not out.is_dir():
-        raise EdgetoolError(f"output path {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / REPORT).is_file():
-        raise EdgetoolError(f"output directory {out} exists and is not an edgetool export (no {REPORT}); "
-                            "refusing to replace it")
-    # Checked before any work, so a bad --out costs nothing (atomic_dir checks again when it writes).
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise EdgetoolError(f"cannot create output directory {out.parent}: {exc.strerror or exc}") from None
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise EdgetoolError(f"output directory {out.parent} is not writable")
-    return out
+    out = Path(out) if out is not None else Path("engines") / run_dir.name
+    return check_output_dir(out, (REPORT,), f"an edgetool export (no {REPORT})", (("run directory", run_dir),))
 
 
 def _seeded_inputs(n: int, shape: tuple[int, ...], seed: int) -> np.ndarray:

@@ -3,6 +3,7 @@ steps-to-target and an explicit account of peak training memory."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -12,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import Split
+from .errors import EdgetoolError
 from .methods.base import AdaptationMethod
 from .recipe import OptimConfig
 
@@ -147,13 +149,15 @@ def fit(
             order = np.concatenate([order, rng.permutation(len(y))])
         idx, order = order[:bs], order[bs:]
         method.set_train_mode(model)
-        if step == 1:
-            param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-            meter = SavedActivationMeter(param_ptrs)
-            with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
-                loss = loss_fn(model(X[idx]), y[idx])
+        if step == 1:  # the first step is metered (see the docstring); the rest run plain
+            meter = SavedActivationMeter({p.untyped_storage().data_ptr() for p in model.parameters()})
+            saved_tensors = torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack)
         else:
+            saved_tensors = contextlib.nullcontext()
+        with saved_tensors:
             loss = loss_fn(model(X[idx]), y[idx])
+        if not torch.isfinite(loss):
+            raise EdgetoolError(f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if step == 1:
@@ -166,10 +170,6 @@ def fit(
                 "optimizer_state": optimizer_state_bytes(opt),
                 "saved_activations": meter.bytes,
             }
-        if not torch.isfinite(loss):
-            from .errors import EdgetoolError
-
-            raise EdgetoolError(f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate")
         if step % cfg.eval_every == 0 or step == cfg.steps:
             record(step)
             if eval_split is not None:

@@ -47,7 +47,8 @@ class BottleneckAdapter(AdapterLayer):
         return y + self.up(self.activation(self.down(y)))
 
     def delta_weight(self) -> torch.Tensor:
-        raise NotMergeableError(f"{type(self).__name__}: the ReLU between the adapter's 1x1 convs does not fold into the conv weight")
+        raise NotMergeableError(f"{type(self).__name__}: the ReLU between the adapter's 1x1 convs does not fold into the conv weight, "
+                                 "so the adapter would stay in the exported graph and add inference cost")
 
     def extra_repr(self) -> str:
         return f"bottleneck={self.bottleneck}"

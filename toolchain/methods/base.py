@@ -45,7 +45,8 @@ class AdapterLayer(nn.Module):
     def merge(self) -> nn.Module:
         """A plain copy of the base module carrying W' (computed in float64, cast to W's dtype)."""
         if not self.mergeable:
-            raise NotMergeableError(f"{type(self).__name__} cannot be fused into {type(self.base).__name__}")
+            raise NotMergeableError(f"{type(self).__name__} cannot be fused into {type(self.base).__name__}: "
+                                    "its extra modules would stay in the exported graph and add inference cost")
         fused = copy.deepcopy(self.base)
         with torch.no_grad():
             fused.weight.copy_(self.merged_weight().to(fused.weight.dtype))
