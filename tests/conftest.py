@@ -46,7 +46,7 @@ def write_recipe(path: Path, raw: dict) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A pretrained width-8 ResNet1d base on BasicMotions (made once per test session)."""
-    from toolchain.adapt import pretrain
+    from toolchain.stages.adapt import pretrain
 
     d = tmp_path_factory.mktemp("base")
     recipe = load_recipe(write_recipe(d / "tiny.yaml", tiny_recipe_dict(d / "base.pt")))
@@ -69,7 +69,7 @@ def make_recipe(tmp_path, tiny_checkpoint):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_checkpoint) -> Path:
     """An adapted TT-LoRA run directory (session-scoped; treat as read-only)."""
-    from toolchain.adapt import adapt
+    from toolchain.stages.adapt import adapt
 
     d = tmp_path_factory.mktemp("run")
     recipe = load_recipe(write_recipe(d / "tiny.yaml", tiny_recipe_dict(tiny_checkpoint)))
@@ -81,7 +81,7 @@ def _tensorrt_skip_reason() -> str | None:
         import tensorrt  # noqa: F401
     except Exception:
         return "TensorRT is not installed"
-    from toolchain.runners import cuda_device
+    from toolchain.backends.cuda import cuda_device
 
     device, why = cuda_device()
     return None if device is not None else why

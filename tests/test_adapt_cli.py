@@ -15,15 +15,17 @@ from click.testing import CliRunner
 from conftest import tiny_recipe_dict, write_recipe
 
 from toolchain import __version__
-from toolchain.adapt import ADAPTER_FORMAT, build_adapted, load_run
+from toolchain.basemodel import build_adapted
+from toolchain.rundir import ADAPTER_FORMAT, load_run
 from toolchain.artifacts import sha256_file
 from toolchain.cli import main
 from toolchain.errors import EdgetoolError
 from toolchain.data import load_data
 from toolchain.methods.ttlora import TTLoRAConv
 from toolchain.models import CONV_TYPES, ResNet1d, build_model, count_params, load_state_checked
-from toolchain.recipe import DataConfig, MethodConfig, load_recipe
-from toolchain.train import evaluate
+from toolchain.methods.settings import method_settings
+from toolchain.recipe import DataConfig, load_recipe
+from toolchain.metrics import evaluate
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -165,7 +167,7 @@ def test_same_seed_gives_identical_runs(two_runs):
 def test_pretrain_is_deterministic_whatever_ran_before(tmp_path):
     """Two pretrainings of one recipe in one process give the same weights, even when other work has
     consumed the global random state in between (the initial weights come from the recipe's seed)."""
-    from toolchain.adapt import pretrain
+    from toolchain.stages.adapt import pretrain
 
     states = []
     for i in range(2):
@@ -183,9 +185,9 @@ def test_load_run_restores_the_trained_adapter(two_runs):
     metrics = run.metrics
     f1, acc = evaluate(run.adapted, run.data.target_test)
     assert (f1, acc) == (metrics["f1_after"], metrics["accuracy_after"])
-    f1_ref, acc_ref = evaluate(run.reference, run.data.target_test)
+    f1_ref, acc_ref = evaluate(run.original, run.data.target_test)
     assert (f1_ref, acc_ref) == (metrics["f1_before"], metrics["accuracy_before"])
-    assert not any(isinstance(m, TTLoRAConv) for m in run.reference.modules())
+    assert not any(isinstance(m, TTLoRAConv) for m in run.original.modules())
     x = torch.from_numpy(run.data.target_test.X[:8])
     with torch.no_grad():
         torch.testing.assert_close(run.method.merge(run.adapted)(x), run.adapted(x), atol=1e-5, rtol=1e-4)
@@ -199,7 +201,7 @@ def test_failed_adapt_keeps_the_previous_run_and_leaves_nothing(two_runs, tmp_pa
     def broken_plot(*args, **kwargs):
         raise OSError("disk full while writing the plot")
 
-    monkeypatch.setattr("toolchain.adapt.plot_f1_curves", broken_plot)
+    monkeypatch.setattr("toolchain.rundir.plot_f1_curves", broken_plot)
     result = cli("adapt", two_runs["recipe"], "--out", out, "--quiet", "--steps", "1")
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -314,7 +316,7 @@ def test_new_classes_extend_a_trainable_head_without_changing_source_logits(tmp_
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_recipe_dict(tmp_path / "b.pt")))
     torch.manual_seed(0)
     base = ResNet1d(6, data.num_source_classes, width=8).eval()
-    model, method = build_adapted(recipe, MethodConfig(name="ttlora", rank=2, train_head=False), base,
+    model, method = build_adapted(method_settings(name="ttlora", rank=2, train_head=False), base,
                                   "classifier", data)
     assert model.classifier.out_features == 4 and base.classifier.out_features == 2
     assert all(p.requires_grad for p in model.classifier.parameters())  # forced on: new rows must train

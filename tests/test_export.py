@@ -13,8 +13,8 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from toolchain.errors import EdgetoolError
-from toolchain.export import (FP16_MAX, compare_graph_structure, convert_fp16, emulate_fp16_storage, export_onnx,
-                              fp16_unsafe_nodes, run_onnx)
+from toolchain.backends.onnxruntime import run_onnx
+from toolchain.export import (FP16_MAX, compare_graph_structure, convert_fp16, emulate_fp16_storage, export_onnx, fp16_unsafe_nodes)
 from toolchain.models import MobileNet1d
 
 

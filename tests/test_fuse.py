@@ -16,16 +16,19 @@ import yaml
 from click.testing import CliRunner
 from torch import nn
 
-import toolchain.fuse as fuse_mod
+import toolchain.enginedir as enginedir
+import toolchain.fusion as fusion_mod
 from toolchain.artifacts import sha256_file
 from toolchain.cli import main
 from toolchain.errors import EdgetoolError, NotMergeableError
-from toolchain.export import compare_graph_structure, run_onnx
-from toolchain.fuse import architecture_differences, check_equivalence, fuse_model
-from toolchain.methods import METHODS, AdapterLayer, get_method
-from toolchain.methods import _load_all  # noqa: F401  (registers every method before parametrisation)
+from toolchain.backends.onnxruntime import run_onnx
+from toolchain.export import compare_graph_structure
+from toolchain.fusion import architecture_differences, check_equivalence, fuse_model
+from toolchain.methods.base import AdapterLayer
+from toolchain.methods.registry import get_method
+from toolchain.methods.settings import method_names, method_settings, settings_for
 from toolchain.methods.base import AdaptationMethod
-from toolchain.recipe import FuseConfig, MethodConfig
+from toolchain.recipe import FuseConfig
 
 # ---------------------------------------------------------------------------------------------- per-kind fusion
 
@@ -43,15 +46,14 @@ CONV_KINDS = {
 REQUIRED_MERGEABLE = {"ttlora", "full"}
 
 
-def _method_configs() -> list[MethodConfig]:
-    """Every registered method (so new ones are picked up), plus the adapter's fusable variant."""
-    cfgs = [MethodConfig(name=n, rank=2) for n in sorted(METHODS)]
-    if "adapter" in METHODS:
-        cfgs.append(MethodConfig(name="adapter", rank=2, adapter_kind="linear"))
+def _method_configs() -> list:
+    """Every method (so new ones are picked up), rank 2 where it has one, plus the adapter's fusable variant."""
+    cfgs = [settings_for(n, {"rank": 2}, {}) for n in sorted(method_names())]
+    cfgs.append(method_settings(name="adapter", adapter_kind="linear"))
     return cfgs
 
 
-def _cfg_id(cfg: MethodConfig) -> str:
+def _cfg_id(cfg) -> str:
     return cfg.name + ("-linear" if cfg.name == "adapter" and cfg.adapter_kind == "linear" else "")
 
 
@@ -122,7 +124,7 @@ def test_fusion_is_equivalent_for_every_conv_kind(cfg, kind):
 
 
 def test_required_methods_are_registered():
-    assert REQUIRED_MERGEABLE <= set(METHODS)
+    assert REQUIRED_MERGEABLE <= set(method_names())
 
 
 class _NonlinearBottleneck(AdapterLayer):
@@ -161,7 +163,7 @@ def test_unmergeable_method_is_refused_naming_inference_cost(name, cfg):
     if cfg is None:
         torch.manual_seed(0)
         model, _ = _toy("conv1d_bias")
-        method = _BottleneckMethod(MethodConfig())
+        method = _BottleneckMethod(method_settings())
         adapted = method.inject(model, "head")
     else:
         _, adapted, method, _ = _adapted_toy(cfg, "conv1d_bias")
@@ -174,7 +176,7 @@ def test_unmergeable_method_is_refused_naming_inference_cost(name, cfg):
 
 
 def test_architecture_check_catches_a_model_that_is_not_the_base():
-    reference, adapted, method, _ = _adapted_toy(MethodConfig(name="ttlora", rank=2), "conv1d_bias")
+    reference, adapted, method, _ = _adapted_toy(method_settings(name="ttlora", rank=2), "conv1d_bias")
     fused = fuse_model(method, adapted)
     assert architecture_differences(fused, reference) == []
     assert any("TTLoRAConv" in d for d in architecture_differences(adapted, reference))  # unfused: extra modules
@@ -185,7 +187,7 @@ def test_architecture_check_catches_a_model_that_is_not_the_base():
 
 
 def test_equivalence_check_names_a_broken_layer():
-    reference, adapted, method, shape = _adapted_toy(MethodConfig(name="ttlora", rank=2), "conv2d_grouped")
+    reference, adapted, method, shape = _adapted_toy(method_settings(name="ttlora", rank=2), "conv2d_grouped")
     fused = fuse_model(method, adapted)
     with torch.no_grad():
         fused.conv.weight[0, 0, 0, 0] += 1e-3
@@ -200,7 +202,7 @@ def test_equivalence_check_names_a_broken_layer():
 
 def test_equivalence_check_fails_a_layer_that_outputs_nan():
     # max() keeps its first argument against a NaN, so a NaN difference must be handled explicitly.
-    reference, adapted, method, shape = _adapted_toy(MethodConfig(name="ttlora", rank=2), "conv1d_bias")
+    reference, adapted, method, shape = _adapted_toy(method_settings(name="ttlora", rank=2), "conv1d_bias")
     fused = fuse_model(method, adapted)
     with torch.no_grad():
         fused.conv.weight[0, 0, 0] = float("nan")
@@ -256,7 +258,7 @@ def test_cli_end_to_end_writes_the_contracted_engine_dir(exported, tiny_run):
 
 def test_exported_graphs_independently(exported, tiny_run):
     """Re-check the files from scratch: structure, BN folded, dynamic batch, ORT vs fused PyTorch, FP16 types."""
-    from toolchain.adapt import load_run
+    from toolchain.rundir import load_run
 
     out, _ = exported
     assert compare_graph_structure(out / "original.onnx", out / "fused.onnx").identical
@@ -297,7 +299,7 @@ def _copy_run(tiny_run: Path, dst: Path, **recipe_changes) -> Path:
 
 
 def test_parity_failure_exits_1_naming_the_layer_and_leaves_no_export(tiny_run, tmp_path, monkeypatch):
-    real = fuse_mod.fuse_model
+    real = fusion_mod.fuse_model
 
     def broken_fusion(method, adapted):  # a fusion bug in one layer
         fused = real(method, adapted)
@@ -305,7 +307,7 @@ def test_parity_failure_exits_1_naming_the_layer_and_leaves_no_export(tiny_run, 
             fused.get_submodule("features.1.body.3").weight.mul_(1.01)
         return fused
 
-    monkeypatch.setattr(fuse_mod, "fuse_model", broken_fusion)
+    monkeypatch.setattr(fusion_mod, "fuse_model", broken_fusion)
     out = tmp_path / "eng" / "tiny"
     result, output = _invoke(["fuse-export", str(tiny_run), "--out", str(out)])
     assert result.exit_code == 1, output
@@ -327,10 +329,9 @@ def test_parity_failure_exits_1_naming_the_layer_and_leaves_no_export(tiny_run, 
 
 
 def test_unmergeable_run_is_refused_with_one_line(tiny_run, tmp_path, monkeypatch):
-    class NotFusableTTLoRA(METHODS["ttlora"]):
-        mergeable = False
+    from toolchain.methods.ttlora import TTLoRA
 
-    monkeypatch.setitem(METHODS, "ttlora", NotFusableTTLoRA)
+    monkeypatch.setattr(TTLoRA, "mergeable", False)
     result, output = _invoke(["fuse-export", str(tiny_run), "--out", str(tmp_path / "eng")])
     assert result.exit_code == 2
     assert output.count("edgetool: error:") == 1 and "inference cost" in output
@@ -396,4 +397,4 @@ def test_default_output_dir_is_engines_run_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "runs" / "my-run"
     run.mkdir(parents=True)
-    assert fuse_mod._output_dir(run, None) == tmp_path / "engines" / "my-run"
+    assert enginedir.check_export_dir(run, None) == tmp_path / "engines" / "my-run"

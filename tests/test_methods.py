@@ -12,10 +12,12 @@ import torch
 from torch import nn
 
 from toolchain.errors import EdgetoolError, NotMergeableError
-from toolchain.methods import AdapterLayer, get_method
+from toolchain.methods.base import AdapterLayer
+from toolchain.methods.registry import get_method
+from toolchain.methods.settings import method_settings
 from toolchain.methods.galore import GaLoreOptimizer, orthogonal_basis, project, project_back
 from toolchain.models import CONV_TYPES, MobileNet1d, find_head
-from toolchain.recipe import MethodConfig, OptimConfig
+from toolchain.recipe import OptimConfig
 
 RANK = 2
 
@@ -90,7 +92,7 @@ BACKBONES = {"mobilenet1d": mobilenet, "toy_conv2d": toy2d}
 
 def injected(method_key: str, backbone: str, train_head: bool | None = None):
     model, x = BACKBONES[backbone]()
-    method = get_method(MethodConfig(**METHODS[method_key]))
+    method = get_method(method_settings(**METHODS[method_key]))
     head_name, _ = find_head(model)
     method.inject(model, head_name, train_head=train_head)
     return model, method, x, head_name
@@ -185,7 +187,7 @@ def test_galore_projects_the_selected_conv_weights_only():
         c.weight.numel() for c in _convs(model).values())
     # pointwise selection: the depthwise and the stem convs train unprojected
     model, _ = mobilenet()
-    method = get_method(MethodConfig(name="galore", layers="pointwise"))
+    method = get_method(method_settings(name="galore", layers="pointwise"))
     method.inject(model, "classifier")
     names = method.projected_parameter_names(model)
     assert names and all(model.get_submodule(n.rsplit(".", 1)[0]).groups == 1 for n in names)
@@ -197,7 +199,7 @@ def test_linear_adapter_skips_grouped_convs_and_refuses_an_all_grouped_selection
     assert method.skipped_layers == ["depthwise", "grouped"]
     assert isinstance(model.pointwise, AdapterLayer) and not isinstance(model.depthwise, AdapterLayer)
     model, _ = toy2d()
-    method = get_method(MethodConfig(name="adapter", adapter_kind="linear", layers=["depthwise"]))
+    method = get_method(method_settings(name="adapter", adapter_kind="linear", layers=["depthwise"]))
     with pytest.raises(EdgetoolError, match="groups=1"):
         method.inject(model, "classifier")
 
@@ -254,13 +256,13 @@ def test_merged_weight_is_base_plus_delta(method_key):
 
 
 def test_mergeable_flags_are_honest():
-    from toolchain.methods import METHODS
+    from toolchain.methods.adapter import Adapter
 
-    assert METHODS["adapter"].mergeable is False  # the default kind, before any recipe is seen
-    assert get_method(MethodConfig(name="adapter")).mergeable is False
-    assert get_method(MethodConfig(name="adapter", adapter_kind="linear")).mergeable is True
+    assert Adapter.mergeable is False  # the default kind, before any recipe is seen
+    assert get_method(method_settings(name="adapter")).mergeable is False
+    assert get_method(method_settings(name="adapter", adapter_kind="linear")).mergeable is True
     for name in ("full", "head", "bn", "bias", "lora", "dora", "galore", "ttlora"):
-        assert get_method(MethodConfig(name=name)).mergeable is True
+        assert get_method(method_settings(name=name)).mergeable is True
 
 
 def test_dora_survives_an_all_zero_output_channel():

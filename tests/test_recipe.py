@@ -36,7 +36,7 @@ def with_(**sections) -> dict:
     [
         (with_(modle={"width": 4}), r"field 'modle': unknown key"),
         (with_(data={"formt": "ts"}), r"field 'data.formt': unknown key"),
-        (with_(method={"name": "lorax"}), r"field 'method.name': Input should be 'ttlora'"),
+        (with_(method={"name": "lorax"}), r"field 'method.name': unknown method 'lorax'"),
         (with_(method={"rank": 0}), r"field 'method.rank': .*greater than 0"),
         (with_(method={"rank": -3}), r"field 'method.rank'"),
         (with_(method={"layers": []}), r"field 'method.layers'"),
@@ -137,7 +137,7 @@ def default_recipe(tmp_path: Path):
 
 
 def test_default_recipe_trains_at_most_1_5_percent_with_ttlora(tmp_path):
-    from toolchain.adapt import build_adapted
+    from toolchain.basemodel import build_adapted
     from toolchain.data import load_data
     from toolchain.models import CONV_TYPES, build_model, count_params, find_head
 
@@ -146,7 +146,7 @@ def test_default_recipe_trains_at_most_1_5_percent_with_ttlora(tmp_path):
     data = load_data(recipe.data, recipe.seed)
     base = build_model(recipe.model, data.input_shape[0], data.num_source_classes)
     head_name, _ = find_head(base)
-    model, method = build_adapted(recipe, recipe.method, base, head_name, data)
+    model, method = build_adapted(recipe.method, base, head_name, data)
     trainable = sum(p.numel() for _, p in method.trainable_parameters(model))
     convs = [m for m in base.modules() if isinstance(m, CONV_TYPES)]
     rank = recipe.method.rank
@@ -159,9 +159,10 @@ def test_default_recipe_trains_at_most_1_5_percent_with_ttlora(tmp_path):
 def test_default_recipe_shift_clearly_drops_zero_shot_f1(tmp_path):
     """Pretrain the default base exactly as the recipe says, then score it on the target test windows
     without and with the recipe's physical shift: the shift must cost a clear share of macro-F1."""
-    from toolchain.adapt import load_base_model, pretrain
+    from toolchain.basemodel import load_base_model
+    from toolchain.stages.adapt import pretrain
     from toolchain.data import load_data
-    from toolchain.train import evaluate
+    from toolchain.metrics import evaluate
 
     recipe = default_recipe(tmp_path)
     data = load_data(recipe.data, recipe.seed)

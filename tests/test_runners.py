@@ -18,10 +18,16 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import needs_tensorrt
 from toolchain.errors import EdgetoolError
-from toolchain.runners import (TENSORRT_MISSING, Availability, GraphSpec, OnnxRuntimeBackend, OnnxRuntimeRunner,
-                               TensorRTBackend, TorchRunner, cuda_device, engine_staleness, select_backend)
+from toolchain.backends import select_backend
+from toolchain.backends.base import Availability
+from toolchain.backends.cuda import cuda_device
+from toolchain.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeRunner
+from toolchain.backends.pytorch import TorchRunner
+from toolchain.backends.tensorrt import TENSORRT_MISSING, TensorRTBackend, engine_staleness
+from toolchain.enginedir import EngineDir
 
 C, T, K, CLASSES = 3, 16, 4, 2
+BATCHES = (1, 8)
 
 
 def _weights(seed: int) -> dict[str, np.ndarray]:
@@ -74,7 +80,7 @@ def engine_dir(tmp_path_factory):
 
 @pytest.fixture()
 def spec(engine_dir):
-    return GraphSpec(engine_dir, "input", "logits", (C, T), max_batch=8, opt_batch=8)
+    return EngineDir(engine_dir, {}, engine_dir, "input", "logits", (C, T), 17)
 
 
 @pytest.fixture()
@@ -128,14 +134,14 @@ def test_onnxruntime_backend_picks_graph_per_precision(spec, tmp_path):
     backend = OnnxRuntimeBackend()
     assert backend.probe().usable
     assert backend.accuracy_precisions() == ["fp32", "fp16"]
-    assert backend.runner(spec, "fused", "fp16").path.name == "fused.fp16.onnx"
-    assert backend.runner(spec, "original", "fp32").path.name == "original.onnx"
+    assert backend.runner(spec, "fused", "fp16", BATCHES).path.name == "fused.fp16.onnx"
+    assert backend.runner(spec, "original", "fp32", BATCHES).path.name == "original.onnx"
     if not backend.on_gpu:
         assert backend.providers == ["CPUExecutionProvider"]
         assert backend.latency_precision() == "fp32"
-    empty = GraphSpec(tmp_path, "input", "logits", (C, T), 8, 8)
+    empty = EngineDir(tmp_path, {}, tmp_path, "input", "logits", (C, T), 17)
     with pytest.raises(EdgetoolError, match="fuse-export"):
-        backend.runner(empty, "fused", "fp32")
+        backend.runner(empty, "fused", "fp32", BATCHES)
 
 
 def _without_tensorrt(monkeypatch):
@@ -223,8 +229,8 @@ def test_engine_staleness(tmp_path):
 def test_tensorrt_fp16_engine_matches_reference(spec, X, graph, seed):
     backend = TensorRTBackend()
     assert backend.probe().usable
-    with backend.runner(spec, graph, "fp16") as r:
-        out = r.infer_batched(X, spec.max_batch)
+    with backend.runner(spec, graph, "fp16", BATCHES) as r:
+        out = r.infer_batched(X, max(BATCHES))
         assert r.time_once(X[:1]) > 0
     np.testing.assert_allclose(out, _torch_reference(_weights(seed), X), atol=5e-2, rtol=5e-2)
 
@@ -234,14 +240,14 @@ def test_tensorrt_engine_cache_is_reused_and_rebuilt_when_stale(spec):
     backend = TensorRTBackend()
     backend.require()
     built = []
-    plan = backend.engine_for(spec, "fused", echo=built.append)
+    plan = backend.engine_for(spec, "fused", BATCHES, echo=built.append)
     assert plan.suffix == ".plan" and plan.is_file() and len(built) == 1
     assert backend._device.slug in plan.name and backend._trt.__version__ in plan.name
     mtime = plan.stat().st_mtime_ns
-    assert backend.engine_for(spec, "fused", echo=built.append) == plan and len(built) == 1  # cached
+    assert backend.engine_for(spec, "fused", BATCHES, echo=built.append) == plan and len(built) == 1  # cached
     assert plan.stat().st_mtime_ns == mtime
     src = spec.onnx("fused", "fp32" if backend.has_fp16_flag else "fp16")
     later = plan.stat().st_mtime + 5
     os.utime(src, (later, later))
-    backend.engine_for(spec, "fused", echo=built.append)
+    backend.engine_for(spec, "fused", BATCHES, echo=built.append)
     assert len(built) == 2 and "newer" in built[-1]

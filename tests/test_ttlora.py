@@ -12,10 +12,12 @@ import torch
 from torch import nn
 
 from toolchain.errors import EdgetoolError
-from toolchain.methods import AdapterLayer, get_method
+from toolchain.methods.base import AdapterLayer
+from toolchain.methods.registry import get_method
+from toolchain.methods.settings import method_settings
 from toolchain.methods.ttlora import TTLoRAConv, tt_contract, tt_svd
 from toolchain.models import CONV_TYPES, MobileNet1d, ResNet1d, find_head
-from toolchain.recipe import MethodConfig, OptimConfig
+from toolchain.recipe import OptimConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fixtures_2d import small_cnn  # noqa: E402
@@ -40,7 +42,7 @@ def base_model(kind: str, seed: int = 0) -> nn.Module:
 
 
 def ttlora(rank: int = 2, **fields):
-    return get_method(MethodConfig(name="ttlora", rank=rank, **fields))
+    return get_method(method_settings(name="ttlora", rank=rank, **fields))
 
 
 def x_for(kind: str, n: int = 5, seed: int = 1) -> torch.Tensor:
@@ -306,4 +308,4 @@ def test_rank_must_be_positive():
     from pydantic import ValidationError
 
     with pytest.raises(ValidationError):
-        MethodConfig(name="ttlora", rank=0)
+        method_settings(name="ttlora", rank=0)

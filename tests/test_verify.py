@@ -20,8 +20,8 @@ from onnx import numpy_helper
 from conftest import assert_parity_passed, needs_tensorrt
 from toolchain.cli import main
 from toolchain.recipe import VerifyConfig
-from toolchain.runners import Runner
-from toolchain.verify import (NOISE_FACTOR, Check, ControlNoise, accuracy_parity, compare_outputs, control_noise,
+from toolchain.backends.base import Runner
+from toolchain.parity import (NOISE_FACTOR, Check, ControlNoise, accuracy_parity, compare_outputs, control_noise,
                               decide_band, interleaved_timings, junit_xml, latency_checks, latency_input,
                               latency_stats)
 
@@ -237,7 +237,7 @@ def test_run_dir_gone_is_named_as_recorded(engine_dir, tmp_path):
 
 
 def test_unwritable_engine_dir_is_refused_before_any_work(engine_dir, tmp_path, monkeypatch):
-    import toolchain.verify as verify_mod
+    import toolchain.stages.verify as verify_mod
 
     eng = _copy(engine_dir, tmp_path)
     # chmod does not stop root (CI containers often run as root), so the permission answer is simulated

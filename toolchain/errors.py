@@ -15,3 +15,8 @@ class ParityError(EdgetoolError):
 
 class NotMergeableError(EdgetoolError):
     """The adaptation method cannot be folded into the dense weights without adding inference cost."""
+
+
+class InternalError(RuntimeError):
+    """A broken invariant of edgetool itself, not of the user's input: the CLI reports it as an internal
+    error (exit 3), never as bad input."""

@@ -1,4 +1,4 @@
-"""ONNX side of `fuse-export`: export, structural comparison, ONNX Runtime inference and FP16 conversion.
+"""ONNX side of `fuse-export`: export, structural comparison and FP16 conversion.
 
 Exporter: torch.onnx's TorchScript exporter (`dynamo=False`) in eval mode with constant folding, which
 folds every Conv -> BatchNorm pair into the Conv. It is used with `keep_initializers_as_inputs=True`
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .artifacts import atomic_write_bytes
+from .backends.onnxruntime import ort_session
 from .errors import EdgetoolError
 
 INPUT_NAME = "input"
@@ -197,29 +198,6 @@ def compare_graph_structure(a: onnx.ModelProto | Path | str, b: onnx.ModelProto 
     return StructureReport(identical=not diffs, differences=diffs)
 
 
-# ---------------------------------------------------------------------------------------------- runtime
-
-
-def _session(model: onnx.ModelProto | Path | str, providers: list[str] | None, optimize: bool = True):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # warnings about unused initializers etc. are not the user's concern
-    if not optimize:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(src, opts, providers=providers or ["CPUExecutionProvider"])
-
-
-def run_onnx(path: onnx.ModelProto | Path | str, X: np.ndarray, providers: list[str] | None = None,
-             batch_size: int = 256) -> np.ndarray:
-    """Outputs of the graph's first output for inputs X (float32, [N, ...]), run in batches."""
-    sess = _session(path, providers)
-    name = sess.get_inputs()[0].name
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    return np.concatenate([sess.run(None, {name: X[i: i + batch_size]})[0] for i in range(0, len(X), batch_size)])
-
-
 # ---------------------------------------------------------------------------------------------- FP16
 
 
@@ -275,7 +253,7 @@ def fp16_unsafe_nodes(path: Path | str, calibration_inputs: np.ndarray, batch_si
             probe.graph.output.append(vi[name])
     probe_inputs = [i.name for i in graph.input if i.name not in float_inits]
     # No graph optimisation, so every exposed name is computed exactly as the graph states it.
-    sess = _session(probe, None, optimize=False)
+    sess = ort_session(probe, optimization="disabled")
     out_names = [o.name for o in sess.get_outputs()]
     X = np.ascontiguousarray(calibration_inputs, dtype=np.float32)
     for i in range(0, len(X), batch_size):

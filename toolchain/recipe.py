@@ -4,12 +4,13 @@ against the recipe file's directory, and every problem is reported as one line n
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import EdgetoolError
+from .methods.settings import DEFAULT_METHOD, MethodConfig, TTLoRASettings, method_names
 
 
 class _Strict(BaseModel):
@@ -91,31 +92,6 @@ class OptimConfig(_Strict):
     target_f1: float = Field(0.9, gt=0, le=1, description="steps_to_target is the first evaluation step reaching this")
 
 
-class MethodConfig(_Strict):
-    name: Literal["ttlora", "lora", "dora", "galore", "adapter", "full", "head", "bn", "bias"] = "ttlora"
-    rank: int = Field(4, gt=0)
-    alpha: float | None = Field(None, gt=0, description="LoRA/DoRA scaling numerator (scale = alpha/rank); default rank")
-    layers: Literal["all", "pointwise"] | list[str] = Field("all", description="convs to adapt: all, pointwise, or name patterns")
-    train_head: bool = Field(False, description="also train the classifier (always on when new classes appear)")
-    bn: Literal["frozen", "stats"] = Field("frozen", description="frozen: BN in eval mode; stats: running statistics update")
-    update_proj_gap: int = Field(50, gt=0, description="galore: steps between projection refreshes")
-    galore_scale: float = Field(1.0, gt=0, description="galore: scale of the projected-back update")
-    adapter_reduction: int = Field(4, gt=0, description="adapter: bottleneck width = channels // reduction")
-    adapter_kind: Literal["nonlinear", "linear"] = Field("nonlinear", description="adapter: linear variant is fusable")
-
-    @field_validator("layers", mode="before")
-    @classmethod
-    def _patterns(cls, v: Any) -> Any:
-        # Checked before pydantic's union, whose error would name its internal branch, not the problem.
-        if isinstance(v, str) and v not in ("all", "pointwise"):
-            raise ValueError(f"expected 'all', 'pointwise' or a list of name patterns such as ['{v}'], got {v!r}")
-        if isinstance(v, list) and not v:
-            raise ValueError("give at least one layer name pattern")
-        if isinstance(v, list) and not all(isinstance(p, str) for p in v):
-            raise ValueError(f"layer name patterns must be strings, got {v!r}")
-        return v
-
-
 class FuseConfig(_Strict):
     opset: int = Field(17, ge=13, le=23)
     atol: float = Field(1e-4, gt=0, description="max |adapted - fused| allowed (FP32)")
@@ -150,9 +126,9 @@ BENCH_SHARED_TRAIN_FIELDS = ("steps", "batch_size", "eval_every", "target_f1")
 
 
 class BenchConfig(_Strict):
-    methods: list[str] = Field(default_factory=lambda: ["full", "head", "bn", "bias", "lora", "dora", "galore", "adapter", "ttlora"])
+    methods: list[str] = Field(default_factory=lambda: list(method_names()))
     seeds: int = Field(3, gt=0)
-    method_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-method MethodConfig fields")
+    method_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-method settings fields")
     train_overrides: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="per-method optimizer settings (e.g. lr); steps, batch_size, eval_every and target_f1 stay shared")
@@ -190,22 +166,24 @@ class BenchConfig(_Strict):
         return v
 
 
-def method_names() -> tuple[str, ...]:
-    return get_args(MethodConfig.model_fields["name"].annotation)
-
-
 class Recipe(_Strict):
     name: str
     seed: int = Field(0, ge=0)  # numpy's generators take non-negative seeds only
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig
     pretrain: OptimConfig = Field(default_factory=lambda: OptimConfig(steps=300, lr=3e-3, batch_size=16))
-    method: MethodConfig = Field(default_factory=MethodConfig)
+    method: MethodConfig = Field(default_factory=TTLoRASettings)
     train: OptimConfig = Field(default_factory=OptimConfig)
     fuse: FuseConfig = Field(default_factory=FuseConfig)
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)
     source: Path | None = Field(None, exclude=True, description="the file this recipe was read from")
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _default_method_name(cls, v: Any) -> Any:
+        # `method: {rank: 2}` means TT-LoRA, the method this tool is about.
+        return {**v, "name": DEFAULT_METHOD} if isinstance(v, dict) and "name" not in v else v
 
     def resolved_dict(self) -> dict[str, Any]:
         """Everything with defaults filled in and absolute paths: what a run directory records."""
@@ -214,14 +192,24 @@ class Recipe(_Strict):
 
 def format_validation_error(exc: ValidationError, where: str) -> str:
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
+    parts = [str(p) for p in err["loc"]]
+    # The method union's tag sits in the location ('method.full.rank'): say it in words instead.
+    tag = next((i for i in range(1, len(parts)) if parts[i - 1].endswith("method") and parts[i] in method_names()), None)
+    suffix = ""
+    if tag is not None:
+        suffix = f" (method '{parts[tag]}')"
+        del parts[tag]
+    loc = ".".join(parts)
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
+    elif err["type"] == "union_tag_invalid":
+        loc += ".name"
+        msg = f"unknown method {err['ctx']['tag']!r} (known: {', '.join(method_names())})"
     elif msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"{where}: field '{loc}': {msg}{more}" if loc else f"{where}: {msg}{more}"
+    return f"{where}: field '{loc}': {msg}{suffix}{more}" if loc else f"{where}: {msg}{suffix}{more}"
 
 
 

@@ -1,4 +1,4 @@
-"""Training and evaluation shared by pretrain, adapt and bench: seeded data order, macro-F1,
+"""Training shared by pretrain, adapt and bench: seeded data order, periodic evaluation,
 steps-to-target and an explicit account of peak training memory."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import Split
+from .metrics import evaluate
 from .errors import EdgetoolError
 from .methods.base import AdaptationMethod
 from .recipe import OptimConfig
@@ -22,34 +23,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
     torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Macro-F1 over the labels present in y_true or y_pred (scikit-learn's default)."""
-    labels = np.union1d(y_true, y_pred)
-    scores = []
-    for c in labels:
-        tp = np.sum((y_pred == c) & (y_true == c))
-        fp = np.sum((y_pred == c) & (y_true != c))
-        fn = np.sum((y_pred != c) & (y_true == c))
-        denom = 2 * tp + fp + fn
-        scores.append(0.0 if denom == 0 else 2 * tp / denom)
-    return float(np.mean(scores)) if scores else 0.0
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, X: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    was_training = model.training
-    model.eval()
-    out = [model(torch.from_numpy(X[i : i + batch_size])).float().numpy() for i in range(0, len(X), batch_size)]
-    model.train(was_training)
-    return np.concatenate(out)
-
-
-def evaluate(model: nn.Module, split: Split) -> tuple[float, float]:
-    """(macro-F1, accuracy) of `model` on `split`."""
-    pred = predict_logits(model, split.X).argmax(axis=1)
-    return macro_f1(split.y, pred), float(np.mean(pred == split.y))
 
 
 @dataclass

@@ -1,5 +1,3 @@
-"""Adaptation methods behind one interface (see base.py)."""
-
-from .base import METHODS, AdaptationMethod, AdapterLayer, get_method, register_method  # noqa: F401
-
-__all__ = ["METHODS", "AdaptationMethod", "AdapterLayer", "get_method", "register_method"]
+"""Adaptation methods behind one interface: base.py (the interface), settings.py (each method's recipe
+settings: the one place names are spelled), registry.py (settings -> method), one module per method.
+Kept import-free so the recipe schema can read settings.py without loading torch."""

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import EdgetoolError, NotMergeableError
 from ..models import set_submodule
-from .base import AdaptationMethod, AdapterLayer, register_method, select_convs
+from .base import AdaptationMethod, AdapterLayer, select_convs
 
 
 class BottleneckAdapter(AdapterLayer):
@@ -84,9 +84,7 @@ class LinearBottleneckAdapter(BottleneckAdapter):
         return bias + self.mixing() @ bias
 
 
-@register_method
 class Adapter(AdaptationMethod):
-    name = "adapter"
     description = "residual bottleneck adapter after convs (1x1 down, ReLU, 1x1 up); linear variant is fusable"
     mergeable = False  # the default nonlinear kind; an instance with adapter_kind 'linear' says True
 

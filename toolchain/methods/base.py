@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import EdgetoolError, NotMergeableError
 from ..models import CONV_TYPES, set_submodule
-from ..recipe import MethodConfig, OptimConfig
+
+if TYPE_CHECKING:
+    from ..recipe import OptimConfig
+    from .settings import MethodSettings
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -83,12 +86,15 @@ def select_convs(model: nn.Module, layers: str | list[str], exclude: set[str] = 
 
 
 class AdaptationMethod:
-    name: ClassVar[str] = ""
     mergeable: ClassVar[bool] = True
     description: ClassVar[str] = ""
 
-    def __init__(self, cfg: MethodConfig):
+    def __init__(self, cfg: MethodSettings):
         self.cfg = cfg
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
 
     # ---- injection ------------------------------------------------------------------------------
     def inject(self, model: nn.Module, head_name: str | None = None, train_head: bool | None = None) -> nn.Module:
@@ -190,18 +196,3 @@ class AdaptationMethod:
             p.requires_grad_(False)
         return out.eval()
 
-
-METHODS: dict[str, type[AdaptationMethod]] = {}
-
-
-def register_method(cls: type[AdaptationMethod]) -> type[AdaptationMethod]:
-    METHODS[cls.name] = cls
-    return cls
-
-
-def get_method(cfg: MethodConfig) -> AdaptationMethod:
-    from . import _load_all  # noqa: F401  (registers every built-in method)
-
-    if cfg.name not in METHODS:
-        raise EdgetoolError(f"recipe field 'method.name': method '{cfg.name}' is not implemented (have: {sorted(METHODS)})")
-    return METHODS[cfg.name](cfg)

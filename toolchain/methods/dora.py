@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import AdaptationMethod, conv_forward, register_method
+from .base import AdaptationMethod, conv_forward
 from .lora import LoRAConv
 
 
@@ -62,9 +62,7 @@ class DoRAConv(LoRAConv):
         return out
 
 
-@register_method
 class DoRA(AdaptationMethod):
-    name = "dora"
     description = "DoRA on convs: LoRA direction (A, B) plus a trainable per-output-channel magnitude"
 
     def _inject(self, model: nn.Module, head_name: str | None) -> None:

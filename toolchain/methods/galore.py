@@ -24,13 +24,16 @@ architecture (merge = a copy of it, zero inference overhead).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..errors import EdgetoolError
-from ..recipe import OptimConfig
-from .base import AdaptationMethod, register_method, select_convs
+from .base import AdaptationMethod, select_convs
+
+if TYPE_CHECKING:
+    from ..recipe import OptimConfig
 
 
 def orthogonal_basis(matrix: torch.Tensor, rank: int) -> tuple[str, torch.Tensor]:
@@ -115,9 +118,7 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         return loss
 
 
-@register_method
 class GaLore(AdaptationMethod):
-    name = "galore"
     description = "GaLore: full-rank weights, conv gradients projected to rank r (SVD refreshed every update_proj_gap steps)"
 
     def _inject(self, model: nn.Module, head_name: str | None) -> None:

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from .base import AdaptationMethod, AdapterLayer, register_method
+from .base import AdaptationMethod, AdapterLayer
 
 
 def group_rank(conv: nn.Module, rank: int) -> int:
@@ -79,9 +79,7 @@ class LoRAConv(AdapterLayer):
         return f"rank_per_group={self.lora_A.out_channels // self.base.groups}, groups={self.base.groups}, scaling={self.scaling:g}"
 
 
-@register_method
 class LoRA(AdaptationMethod):
-    name = "lora"
     description = "LoRA on convs: trainable A (kernel-shaped, C_in->r) and B (1x1, r->C_out) per group"
 
     def _inject(self, model: nn.Module, head_name: str | None) -> None:

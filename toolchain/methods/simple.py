@@ -6,12 +6,10 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import EdgetoolError
-from .base import BN_TYPES, AdaptationMethod, register_method
+from .base import BN_TYPES, AdaptationMethod
 
 
-@register_method
 class FullFineTune(AdaptationMethod):
-    name = "full"
     description = "all parameters"
 
     def _inject(self, model: nn.Module, head_name: str | None) -> None:
@@ -19,9 +17,7 @@ class FullFineTune(AdaptationMethod):
             p.requires_grad_(True)
 
 
-@register_method
 class HeadOnly(AdaptationMethod):
-    name = "head"
     description = "classifier only"
 
     def _inject(self, model: nn.Module, head_name: str | None) -> None:
@@ -31,9 +27,7 @@ class HeadOnly(AdaptationMethod):
             p.requires_grad_(True)
 
 
-@register_method
 class BatchNormOnly(AdaptationMethod):
-    name = "bn"
     description = "BatchNorm affine parameters only"
 
     def _inject(self, model: nn.Module, head_name: str | None) -> None:
@@ -43,9 +37,7 @@ class BatchNormOnly(AdaptationMethod):
                     p.requires_grad_(True)
 
 
-@register_method
 class BiasOnly(AdaptationMethod):
-    name = "bias"
     description = "biases only (BitFit): conv/linear biases and BatchNorm shifts (beta)"
 
     def _inject(self, model: nn.Module, head_name: str | None) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import AdaptationMethod, AdapterLayer, conv_forward, register_method
+from .base import AdaptationMethod, AdapterLayer, conv_forward
 
 
 def tt_svd(tensor: torch.Tensor, max_rank: int) -> list[torch.Tensor]:
@@ -73,9 +73,7 @@ class TTLoRAConv(AdapterLayer):
         return f"tt_cores={shapes}"
 
 
-@register_method
 class TTLoRA(AdaptationMethod):
-    name = "ttlora"
     description = "TT-LoRA (LoRA-Edge): train the output-side TT core G1 of each conv kernel"
 
     def _inject(self, model: nn.Module, head_name: str | None) -> None:

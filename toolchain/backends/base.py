@@ -1,0 +1,173 @@
+"""The backend interface, in Polygraphy's style: a `Runner` is built cheaply (nothing is loaded), then
+`activate()` loads or builds what it needs, `infer(x)` returns the output for one input batch,
+`time_once(x)` the seconds of one inference, and `deactivate()` frees it; runners are context managers.
+A `Backend` says whether it can run here (and why not), which precisions it checks, and makes the
+runners for the graphs of an engine directory. Adding a backend = one subclass + `@register_backend`.
+Comparison of outputs lives in toolchain.parity, apart from the backends."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import numpy as np
+
+from ..errors import EdgetoolError
+
+if TYPE_CHECKING:
+    from ..enginedir import EngineDir
+
+
+@contextlib.contextmanager
+def quiet_polygraphy():
+    """Polygraphy logs to stdout at INFO level; keep the terminal summary ours. Its critical errors
+    still raise PolygraphyException, which callers turn into one-line EdgetoolErrors."""
+    from polygraphy.logger import G_LOGGER
+
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL + 10):
+        yield
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+
+
+
+class Runner(ABC):
+    """activate -> infer / time_once -> deactivate. `x` is a float32 array [batch, C, T...]."""
+
+    backend: str = "?"
+
+    def __init__(self, name: str, graph: str, precision: str):
+        self.name = name
+        self.graph = graph
+        self.precision = precision
+        self.is_active = False
+
+    def activate(self) -> "Runner":
+        if not self.is_active:
+            self._activate()
+            self.is_active = True
+        return self
+
+    def deactivate(self) -> None:
+        if self.is_active:
+            self._deactivate()
+            self.is_active = False
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        if not self.is_active:
+            raise RuntimeError(f"runner {self.name} must be activated before infer()")
+        return self._infer(np.ascontiguousarray(x, dtype=np.float32))
+
+    def time_once(self, x: np.ndarray) -> float:
+        """Seconds for one inference of `x`, host to host (input copy, compute, output copy, sync)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        start = time.perf_counter()
+        self._infer(x)
+        return time.perf_counter() - start
+
+    def infer_batched(self, X: np.ndarray, batch_size: int) -> np.ndarray:
+        return np.concatenate([self.infer(X[i : i + batch_size]) for i in range(0, len(X), batch_size)])
+
+    def __enter__(self) -> "Runner":
+        return self.activate()
+
+    def __exit__(self, *exc) -> None:
+        self.deactivate()
+
+    @abstractmethod
+    def _activate(self) -> None: ...
+
+    @abstractmethod
+    def _infer(self, x: np.ndarray) -> np.ndarray: ...
+
+    def _deactivate(self) -> None:
+        pass
+
+
+class PolygraphyRunner(Runner):
+    """Wraps a Polygraphy runner made by `make_runner()` on activation (its loaders are lazy too)."""
+
+    def __init__(self, name: str, graph: str, precision: str, make_runner: Callable[[], Any],
+                 input_name: str, output_name: str):
+        super().__init__(name, graph, precision)
+        self._make_runner = make_runner
+        self.input_name = input_name
+        self.output_name = output_name
+        self._runner = None
+
+    def _activate(self) -> None:
+        from polygraphy.exception import PolygraphyException
+
+        try:
+            with quiet_polygraphy():
+                self._runner = self._make_runner()
+                self._runner.activate()
+        except PolygraphyException as exc:
+            self._runner = None
+            raise EdgetoolError(f"{self.backend}: cannot load {self.name}: {first_line(exc)}") from None
+
+    def _infer(self, x: np.ndarray) -> np.ndarray:
+        out = self._runner.infer({self.input_name: x}, check_inputs=False)
+        # Polygraphy runners may reuse output buffers between calls.
+        return np.array(out[self.output_name], dtype=np.float32, copy=True)
+
+    def _deactivate(self) -> None:
+        with quiet_polygraphy():
+            self._runner.deactivate()
+        self._runner = None
+
+
+@dataclass
+class Availability:
+    usable: bool
+    reason: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(ABC):
+    name: ClassVar[str]
+
+    @abstractmethod
+    def probe(self) -> Availability:
+        """Can this backend run here? Never raises; says why not."""
+
+    @abstractmethod
+    def accuracy_precisions(self) -> list[str]:
+        """Precisions whose fused engine is checked against the fused PyTorch model."""
+
+    @abstractmethod
+    def latency_precision(self) -> str:
+        """The precision deployed on this backend: the one whose latency is compared."""
+
+    @abstractmethod
+    def runner(self, ed: EngineDir, graph: str, precision: str, batch_sizes: tuple[int, ...], echo=None) -> Runner:
+        """A (not yet active) runner for ENGINE_DIR's `graph` at `precision`, for inputs of `batch_sizes`."""
+
+    def file_runner(self, path: Path, name: str, ed: EngineDir) -> Runner | None:
+        """A runner for an FP32 ONNX file outside the engine directory (the unfused model), or None when
+        this backend cannot run one directly."""
+        return None
+
+    def executed_as(self, precision: str) -> str:
+        """How this backend actually computes a graph of `precision` (recorded next to its figures)."""
+        return precision
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+
+BACKENDS: dict[str, type[Backend]] = {}
+
+
+def register_backend(cls: type[Backend]) -> type[Backend]:
+    BACKENDS[cls.name] = cls
+    return cls

@@ -1,0 +1,109 @@
+"""Model assembly for every stage: the pretrained base (loaded, or trained on the source domain when
+its checkpoint is missing), the method-free original model, the adapted model, and the input check.
+
+Names used throughout: the *base* is the pretrained model (source classes); the *original* is the
+method-free model of the target architecture (the base with its head grown for new classes), what
+fusion must give back and what `original.onnx` is; the *adapted* model is the original with a
+method's adapter injected."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from .artifacts import sha256_file
+from .data import DataBundle
+from .errors import EdgetoolError
+from .methods.base import AdaptationMethod
+from .methods.registry import get_method
+from .methods.settings import FullSettings, MethodSettings
+from .metrics import evaluate
+from .models import build_model, extend_head, find_head, load_state_checked, read_base_checkpoint, save_base_checkpoint
+from .recipe import Recipe
+from .train import fit, seed_everything
+
+
+def _log(echo, msg: str) -> None:
+    if echo is not None:
+        echo(msg)
+
+
+def base_fingerprint(recipe: Recipe) -> str:
+    """What the base checkpoint depends on; a mismatch means it was pretrained for another recipe."""
+    parts = {k: recipe.resolved_dict()[k] for k in ("data", "pretrain", "seed")}
+    parts["model"] = {k: v for k, v in recipe.resolved_dict()["model"].items() if k != "checkpoint"}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train_base(recipe: Recipe, data: DataBundle, progress: bool = True, echo=print) -> dict[str, Any]:
+    """Train the base model on the source domain and write `recipe.model.checkpoint`."""
+    # Seed before building: the initial weights must not depend on what this process did before.
+    seed_everything(recipe.seed)
+    model = build_model(recipe.model, data.input_shape[0], data.num_source_classes)
+    method = get_method(FullSettings(bn="stats"))
+    method.inject(model)
+    result = fit(model, method, data.source_train, recipe.pretrain, recipe.seed, desc="pretrain", progress=progress)
+    f1, acc = evaluate(model, data.source_train)
+    meta = {
+        "class_names": data.class_names[: data.num_source_classes],
+        "input_shape": list(data.input_shape),
+        "fingerprint": base_fingerprint(recipe),
+        "source_train_f1": f1,
+    }
+    save_base_checkpoint(recipe.model.checkpoint, model, meta)
+    _log(echo, f"pretrained {recipe.model.arch} on {len(data.source_train)} source windows: "
+               f"train macro-F1 {f1:.3f}, {result.train_seconds:.1f} s -> {recipe.model.checkpoint}")
+    return {"checkpoint": str(recipe.model.checkpoint), "source_train_f1": f1, "source_train_accuracy": acc}
+
+
+def load_base_model(recipe: Recipe, data: DataBundle, echo=print) -> tuple[nn.Module, str, str]:
+    """The pretrained base (eval mode), its head's name and the checkpoint's sha256."""
+    ckpt = read_base_checkpoint(recipe.model.checkpoint)
+    model = build_model(recipe.model, data.input_shape[0], data.num_source_classes)
+    load_state_checked(model, ckpt["state_dict"], f"base checkpoint {recipe.model.checkpoint}")
+    if ckpt.get("fingerprint") not in (None, base_fingerprint(recipe)):
+        _log(echo, f"note: base checkpoint {recipe.model.checkpoint} was pretrained under different data/model/pretrain "
+                   "settings than this recipe; using it as given")
+    head_name, _ = find_head(model, recipe.model.head)
+    return model.eval(), head_name, sha256_file(recipe.model.checkpoint)
+
+
+def ensure_base_model(recipe: Recipe, data: DataBundle, progress: bool = True, echo=print) -> tuple[nn.Module, str, str]:
+    """load_base_model, training the base on the source domain first when its checkpoint is missing."""
+    if not recipe.model.checkpoint.exists():
+        _log(echo, f"base checkpoint {recipe.model.checkpoint} is missing: pretraining it first")
+        train_base(recipe, data, progress=progress, echo=echo)
+    return load_base_model(recipe, data, echo)
+
+
+def original_model(base: nn.Module, head_name: str, data: DataBundle) -> nn.Module:
+    """The method-free architecture the target uses: the base, with the head grown for new classes."""
+    original = copy.deepcopy(base)
+    extend_head(original, head_name, data.num_classes)
+    return original.eval()
+
+
+def build_adapted(method_cfg: MethodSettings, base: nn.Module, head_name: str,
+                  data: DataBundle) -> tuple[nn.Module, AdaptationMethod]:
+    model = original_model(base, head_name, data)
+    method = get_method(method_cfg)
+    new_classes = data.num_classes > data.num_source_classes
+    method.inject(model, head_name, train_head=method_cfg.train_head or new_classes)
+    return model, method
+
+
+def check_model_io(model: nn.Module, data: DataBundle) -> None:
+    x = torch.from_numpy(data.target_test.X[:2])
+    try:
+        with torch.no_grad():
+            out = model.eval()(x)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise EdgetoolError(f"the model does not accept inputs shaped {tuple(x.shape[1:])}: {first}") from None
+    if out.shape != (len(x), data.num_classes):
+        raise EdgetoolError(f"the model outputs {tuple(out.shape[1:])}, expected ({data.num_classes},) class scores")

@@ -1,0 +1,128 @@
+"""The bench's figures: per-method rows (mean/std over seeds), the markdown table, and how each figure
+is measured (written into bench.json)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .errors import InternalError
+from .train import EvalPoint
+
+MEASUREMENT = {
+    "flops_per_step": (
+        "torch.utils.flop_counter.FlopCounterMode over one forward + backward + optimizer step on a fresh copy of "
+        "the adapted model (batch = train.batch_size); counts matmul/conv-type ops (2 FLOPs per MAC; the grouped-conv "
+        "weight-gradient formula corrected by 1/groups), not "
+        "elementwise ops; flops_optimizer_estimate adds the optimizer's elementwise update "
+        "(Adam 13, AdamW 14, SGD-momentum 4 FLOPs per trainable element, +2 with L2 weight decay); GaLore's "
+        "projection matmuls are counted, its periodic SVD is not"),
+    "peak_memory_bytes": (
+        "measured on the first training step on CPU: bytes of parameters + buffers, gradients, optimizer state "
+        "(after the step) and tensors autograd saves for backward (saved_tensors_hooks), storages counted once"),
+    "wall_seconds_per_step": "median of timed training steps (after 2 warm-up) on a copy of the adapted model",
+    "adapter_bytes": "len(torch.save(method.adapter_state(model)))",
+    "zero_overhead": ("fuse-export's fusion proof (architecture, per-layer and end-to-end equivalence) passes and the "
+                      "fused model exported to ONNX is structurally identical to the method-free original "
+                      "(toolchain.export.compare_graph_structure), checked on the first seed"),
+    "std": "sample standard deviation over seeds (ddof=1; 0 for one seed)",
+    "steps_to_target": "first evaluation step with macro-F1 >= train.target_f1; mean/std over the seeds that reached it",
+}
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    mean = float(np.mean(values))
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def mean_curve(curves: list[list[EvalPoint]]) -> list[dict[str, float]]:
+    """Mean/std of macro-F1 per evaluation step; every seed evaluates at the same steps (shared train config)."""
+    steps = [p.step for p in curves[0]]
+    if any([p.step for p in c] != steps for c in curves):
+        raise InternalError("seeds were evaluated at different steps")
+    out = []
+    for i, step in enumerate(steps):
+        m, s = mean_std([c[i].f1 for c in curves])
+        out.append({"step": step, "f1_mean": m, "f1_std": s})
+    return out
+
+
+def summarise(name: str, runs: list[dict[str, Any]], once: dict[str, Any]) -> dict[str, Any]:
+    """One bench.json row from the per-seed runs of a method and its seed-independent figures."""
+    row: dict[str, Any] = {"method": name, "mergeable": once["mergeable"]}
+    for key in ("f1", "accuracy", "peak_memory_bytes", "wall_seconds_per_step", "train_seconds", "adapter_bytes"):
+        row[f"{key}_mean"], row[f"{key}_std"] = mean_std([r[key] for r in runs])
+    reached = [r["steps_to_target"] for r in runs if r["steps_to_target"] is not None]
+    row["steps_to_target_mean"], row["steps_to_target_std"] = mean_std(reached)
+    row["steps_to_target_reached"] = len(reached)
+    row.update(once)
+    row["seeds"] = [r["seed"] for r in runs]
+    row["f1_per_seed"] = [r["f1"] for r in runs]
+    row["accuracy_per_seed"] = [r["accuracy"] for r in runs]
+    row["steps_to_target_per_seed"] = [r["steps_to_target"] for r in runs]
+    row["peak_memory_breakdown"] = runs[0]["memory_breakdown"]
+    row["curve_mean"] = mean_curve([r["curve"] for r in runs])
+    return row
+
+
+def _pm(mean: float | None, std: float | None, fmt: str) -> str:
+    if mean is None:
+        return "—"
+    return f"{mean:{fmt}} ± {std:{fmt}}"
+
+
+def _si(n: float) -> str:
+    for div, unit in ((1e9, " G"), (1e6, " M"), (1e3, " k")):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f} "
+
+
+def _bytes(n: float) -> str:
+    for div, unit in ((1 << 20, "MiB"), (1 << 10, "KiB")):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    meta = result["meta"]
+    n = len(meta["seeds"])
+    lines = [
+        f"# edgetool bench: {meta['recipe']}",
+        "",
+        f"{meta['scenario']}; backbone {meta['arch']} (width {meta['width']}, {meta['total_params']:,} parameters); "
+        f"{meta['target_train_windows']} labelled target windows; {meta['steps']} steps per method, batch "
+        f"{meta['batch_size']}; {n} seeds {meta['seeds']}; zero-shot target macro-F1 "
+        f"{_pm(meta['zero_shot_f1_mean'], meta['zero_shot_f1_std'], '.3f')}.",
+        "",
+        f"| method | macro-F1 | accuracy | trainable | % of model | FLOPs/step (fwd+bwd+opt) | peak train memory | "
+        f"steps to F1 ≥ {meta['target_f1']:g} (reached) | ms/step | adapter bytes | fused: zero overhead |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        steps = _pm(r["steps_to_target_mean"], r["steps_to_target_std"], ".0f") if r["steps_to_target_reached"] else "never"
+        if r["zero_overhead"] is True:
+            fused = "yes (graph identical)"
+        elif r["mergeable"]:
+            fused = "no (graph differs)"
+        else:
+            fused = "no (not mergeable)"
+        lines.append(
+            f"| {r['method']} | {_pm(r['f1_mean'], r['f1_std'], '.3f')} | {_pm(r['accuracy_mean'], r['accuracy_std'], '.3f')} "
+            f"| {r['trainable_params']:,} | {r['trainable_pct']:.2f} % | {_si(r['flops_per_step'])}FLOP "
+            f"| {_bytes(r['peak_memory_bytes_mean'])} | {steps} ({r['steps_to_target_reached']}/{n}) "
+            f"| {1000 * r['wall_seconds_per_step_mean']:.1f} | {r['adapter_bytes_mean']:,.0f} | {fused} |"
+        )
+    lines += [
+        "",
+        "Mean ± sample std over seeds. FLOPs: torch.utils.flop_counter (matmul/conv-type ops, forward + backward + "
+        "optimizer) plus an estimate of the optimizer's elementwise update; peak memory: parameters + buffers, "
+        "gradients, optimizer state and tensors saved for backward, measured on the first step. "
+        "Steps to target: mean over the seeds that reached it.",
+    ]
+    return "\n".join(lines) + "\n"

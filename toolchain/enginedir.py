@@ -1,0 +1,135 @@
+"""The engine directory, written by `fuse-export` and read by `verify`:
+
+  original.onnx, fused.onnx                 FP32 graphs of the method-free original and the fused model
+  original.fp16.onnx, fused.fp16.onnx       their FP16 graphs (one precision plan for both)
+  fuse_report.json                          what fuse-export proved, and the sha256 of every file above
+  verify_report.json, verify_junit.xml      what verify proved (written by verify)
+  <graph>.fp16.trt<version>.<device>.plan   TensorRT engines cached by verify (+ .json cache key)
+
+A failed fuse-export writes no directory; its report goes to `<dir>.failed-report.json` beside it.
+This module is the only one that spells these names."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from .artifacts import atomic_dir, atomic_write_bytes, atomic_write_json, check_output_dir, read_json, sha256_file
+from .errors import EdgetoolError
+from .rundir import ADAPTER_FILE
+
+GRAPHS = ("original", "fused")
+PRECISIONS = ("fp32", "fp16")
+FUSE_REPORT = "fuse_report.json"
+VERIFY_REPORT = "verify_report.json"
+VERIFY_JUNIT = "verify_junit.xml"
+WHAT = f"an edgetool export (no {FUSE_REPORT})"
+
+
+def onnx_name(graph: str, precision: str) -> str:
+    return f"{graph}.onnx" if precision == "fp32" else f"{graph}.{precision}.onnx"
+
+
+EXPORT_FILES = tuple(onnx_name(g, p) for p in PRECISIONS for g in GRAPHS)
+
+
+def plan_name(graph: str, precision: str, tensorrt_version: str, device_slug: str) -> str:
+    return f"{graph}.{precision}.trt{tensorrt_version}.{device_slug}.plan"
+
+
+def failed_report_path(out: Path) -> Path:
+    return out.with_name(f"{out.name}.failed-report.json")
+
+
+def check_export_dir(run_dir: Path, out: Path | None) -> Path:
+    """The directory fuse-export will write (default engines/<run name>), checked before any work."""
+    out = Path(out) if out is not None else Path("engines") / run_dir.name
+    return check_output_dir(out, (FUSE_REPORT,), WHAT, (("run directory", run_dir),))
+
+
+@contextlib.contextmanager
+def writing(out: Path) -> Iterator[Path]:
+    """A temp directory that replaces `out` in one rename when the block completes."""
+    with atomic_dir(out) as tmp:
+        yield tmp
+
+
+def seal(tmp: Path, report: dict[str, Any]) -> None:
+    """Record every exported file's sha256 in the report and write it: the last step of an export."""
+    report["files"] = {f: sha256_file(tmp / f) for f in EXPORT_FILES}
+    atomic_write_json(tmp / FUSE_REPORT, report)
+
+
+@dataclass
+class EngineDir:
+    """An engine directory read back: where its graphs are and what fuse-export recorded."""
+
+    path: Path
+    fuse_report: dict[str, Any]
+    run_dir: Path
+    input_name: str
+    output_name: str
+    input_shape: tuple[int, ...]  # without the batch axis
+    opset: int
+
+    def onnx(self, graph: str, precision: str) -> Path:
+        return self.path / onnx_name(graph, precision)
+
+    def plan(self, graph: str, precision: str, tensorrt_version: str, device_slug: str) -> Path:
+        return self.path / plan_name(graph, precision, tensorrt_version, device_slug)
+
+    @property
+    def report_path(self) -> Path:
+        return self.path / VERIFY_REPORT
+
+    @property
+    def junit_path(self) -> Path:
+        return self.path / VERIFY_JUNIT
+
+    def write_verify_reports(self, report: dict[str, Any], junit: bytes) -> None:
+        atomic_write_json(self.report_path, report)
+        atomic_write_bytes(self.junit_path, junit)
+
+
+def read_engine_dir(engine_dir: Path | str) -> EngineDir:
+    engine_dir = Path(engine_dir)
+    if not engine_dir.is_dir():
+        raise EdgetoolError(f"ENGINE_DIR not found: {engine_dir} (create it with `edgetool fuse-export RUN_DIR`)")
+    report_path = engine_dir / FUSE_REPORT
+    if not report_path.is_file():
+        raise EdgetoolError(f"{engine_dir} is not an edgetool engine directory (no {FUSE_REPORT}); "
+                            "create one with `edgetool fuse-export RUN_DIR`")
+    rep = read_json(report_path, "fuse report")
+    if not isinstance(rep, dict):
+        raise EdgetoolError(f"{report_path} is not a fuse report (expected a JSON object)")
+    missing = [k for k in ("run_dir", "input_shape") if k not in rep]
+    if missing:
+        raise EdgetoolError(f"{report_path} lacks {', '.join(missing)}; rerun `edgetool fuse-export`")
+    for name in EXPORT_FILES:
+        if not (engine_dir / name).is_file():
+            raise EdgetoolError(f"{engine_dir / name} not found: ENGINE_DIR is incomplete; rerun `edgetool fuse-export`")
+    try:
+        run_dir = Path(rep["run_dir"])
+        input_shape = tuple(int(d) for d in rep["input_shape"])
+        opset = int(rep.get("opset", 17))
+    except (TypeError, ValueError) as exc:
+        raise EdgetoolError(f"{report_path} is malformed ({exc}); rerun `edgetool fuse-export`") from None
+    if not run_dir.is_absolute():
+        run_dir = (engine_dir / run_dir).resolve()
+    if not run_dir.is_dir():
+        raise EdgetoolError(f"the run directory ENGINE_DIR was exported from, {run_dir} (recorded in {report_path}), "
+                            "no longer exists; rerun `edgetool fuse-export RUN_DIR` on the run where it is now")
+    adapter = run_dir / ADAPTER_FILE
+    if "adapter_sha256" in rep and adapter.is_file() and sha256_file(adapter) != rep["adapter_sha256"]:
+        raise EdgetoolError(f"{adapter} changed since fuse-export wrote {engine_dir} (the run was adapted again): "
+                            f"these engines are of the earlier adapter; rerun `edgetool fuse-export {run_dir}`")
+    return EngineDir(engine_dir, rep, run_dir, rep.get("input_name", "input"), rep.get("output_name", "logits"),
+                     input_shape, opset)
+
+
+def changed_since_export(ed: EngineDir) -> list[str]:
+    """Files whose sha256 differs from what fuse-export recorded."""
+    recorded = ed.fuse_report.get("files") or {}
+    return [f for f, h in recorded.items() if (ed.path / f).is_file() and sha256_file(ed.path / f) != h]
