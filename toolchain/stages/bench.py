@@ -30,6 +30,7 @@ from ..artifacts import atomic_dir, atomic_write_json, atomic_write_text, check_
 from ..basemodel import build_adapted, check_model_io, ensure_base_model, original_model
 from ..benchreport import MEASUREMENT, mean_std, markdown_table, summarise
 from ..data import DataBundle, load_data
+from ..enginedir import onnx_name
 from ..errors import EdgetoolError, InternalError, NotMergeableError
 from ..export import compare_graph_structure, export_onnx
 from ..fusion import prove_fusion
@@ -146,7 +147,7 @@ def run_bench(recipe: Recipe, methods: list[str] | None = None, seeds: int | Non
     with tempfile.TemporaryDirectory(prefix="edgetool-bench-") as tmp:
         workdir = Path(tmp)
         sample = torch.from_numpy(base_data.target_test.X[:1])
-        original_onnx = workdir / "original.onnx"
+        original_onnx = workdir / onnx_name("original", "fp32")
         export_onnx(original, sample, original_onnx, recipe.fuse.opset)
         bar = tqdm(total=len(methods) * n_seeds, desc=f"bench {recipe.name}", unit="run",
                    disable=None if progress else True)
