@@ -37,8 +37,9 @@ UCI_ACTIVITIES = ["WALKING", "WALKING_UPSTAIRS", "WALKING_DOWNSTAIRS", "SITTING"
 
 
 def signal_value(signal: int, window: int, t: np.ndarray) -> np.ndarray:
-    """A value that encodes (signal, window, time), so channel order and row order can be checked."""
-    return signal + 0.01 * window + 1e-4 * t
+    """A value that encodes (signal, window, time), so channel order and row order can be checked. The time
+    term stays below the window step, so no two windows share a sample (they would be one recording)."""
+    return signal + 0.01 * window + 1e-5 * t
 
 
 def make_uci_har(root: Path, subjects: dict[str, list[int]], windows_per_subject: int = 6, T: int = 128) -> Path:
@@ -52,8 +53,9 @@ def make_uci_har(root: Path, subjects: dict[str, list[int]], windows_per_subject
         inertial = ds / split / "Inertial Signals"
         inertial.mkdir(parents=True)
         n = windows_per_subject * len(subs)
+        first = 0 if split == "train" else 500  # test windows are other recordings, not copies of train windows
         for s, sig in enumerate(UCI_HAR_SIGNALS):
-            mat = np.stack([signal_value(s, w, t) for w in range(n)])
+            mat = np.stack([signal_value(s, first + w, t) for w in range(n)])
             # UCI HAR's own format: space-padded scientific notation, one window per line.
             np.savetxt(inertial / f"{sig}_{split}.txt", mat, fmt="%15.7e")
         y = [(w % len(UCI_ACTIVITIES)) + 1 for w in range(n)]
@@ -112,7 +114,7 @@ def test_ts_pair_loads_through_the_protocol(tmp_path):
     [
         (["1,2,x:4,5,6:up"], None, r"toy\.ts:11: not a number"),
         (["1,2,3:4,5:up"], None, "unequal-length dimensions"),
-        (["1,2,3:4,5,6:up", "1,2:4,5:down"], None, "different shapes"),
+        (["1,2,3:4,5,6:up", "1,2:4,5:down"], None, r"toy\.ts:12: series of length 2, @seriesLength is 3 \(malformed line\)"),
         (["1,2,3:4,5,6:sideways"], None, r"label\(s\) \['sideways'\] not among"),
         ([], None, "no @data section"),
         (["1,2,3:4,5,6"], "@classLabel false\n@data\n", "no class labels"),
