@@ -159,6 +159,8 @@ def parse_ts(path: Path | str) -> tuple[np.ndarray, np.ndarray, list[str] | None
             raise bad(lineno, f"series of length {len(dims[0])}, {expected}")
         if label == "":
             raise bad(lineno, "no class label after the last ':'")
+        if cut and lineno == last and declared and label not in declared:  # a label cut short
+            raise bad(lineno, f"class label '{label}' is not one of @classLabel {declared}")
         n_dims, length = len(dims), len(dims[0])
         if label is not None:
             labels.append(label)
@@ -437,9 +439,11 @@ def overlap_block(T: int) -> int:
 
 def find_overlaps(X: np.ndarray) -> np.ndarray:
     """Pairs of windows that share samples, as rows (a, b, d): window b starts d >= 0 samples after window a
-    and a[:, d:] equals b[:, :T-d] bit for bit (d = 0: duplicates). Any offset is found whose overlap holds at
-    least one non-constant block of overlap_block(T) samples; hashing every block and sorting the hashes
-    costs O(N T log(N T)), then each proposed alignment is checked on the raw values."""
+    and a[:, d:] equals b[:, :T-d] bit for bit (d = 0: duplicates). Enough pairs to join every set of
+    overlapping windows, not every pair (windows 1 and 3 of a 75 %-overlap stream may be joined through 2
+    only). Any offset is found whose overlap holds at least one non-constant block of overlap_block(T)
+    samples; hashing every block and sorting the hashes costs O(N T log(N T)), then each proposed alignment
+    is checked on the raw values."""
     N, C, T = X.shape
     k = overlap_block(T)
     if N < 2 or T < 2 * k:
