@@ -509,18 +509,15 @@ def recording_groups(X: np.ndarray, given: np.ndarray | None) -> tuple[np.ndarra
         links.append(np.stack([first[inv.reshape(-1)], np.arange(n)], axis=1))
     groups = _components(n, np.concatenate(links))
     G = int(groups.max()) + 1 if n else 0
-    windows = f"{n} windows in {G} recordings"
+    kept_apart = f"{n} windows in {G} recordings; labelled, validation and test windows come from different recordings"
     if given is not None:
         n_given = len(np.unique(given))
         if G < n_given:
-            return groups, "given + detected overlap", (
-                f"recordings: {n_given} given, {n_given - G} merged because their windows overlap ({windows}); "
-                "labelled, validation and test windows come from different recordings")
-        return groups, "given", f"recordings given by the data ({windows}); labelled, validation and test windows come from different recordings"
+            merged = f"recordings: {n_given} given, {n_given - G} merged because their windows overlap"
+            return groups, "given + detected overlap", f"{merged} ({kept_apart})"
+        return groups, "given", f"recordings given by the data ({kept_apart})"
     if len(overlaps):
-        return groups, "detected overlap", (
-            f"overlapping windows detected: {len(overlaps)} pairs share samples ({windows}); labelled, validation "
-            "and test windows come from different recordings")
+        return groups, "detected overlap", f"overlapping windows detected: {len(overlaps)} pairs share samples ({kept_apart})"
     return groups, "none", None
 
 
@@ -611,7 +608,8 @@ class _Strata:
         short = [(k, count.get(k, 0)) for k in np.unique(expected).tolist() if count.get(k, 0) < per]
         if not short:
             return None
-        listed = ", ".join(f"{self.name(k)} {c}" for k, c in short[:6]) + (f", ... ({len(short)} in all)" if len(short) > 6 else "")
+        listed = ", ".join(f"{self.name(k)} {c}" for k, c in short[:6])
+        listed += f", ... ({len(short)} in all)" if len(short) > 6 else ""
         return f"data.{field_name} {per}: only {listed} {where}; using what there is"
 
 
@@ -655,8 +653,9 @@ def build_protocol(raw: RawDataset, cfg: DataConfig, seed: int = 0) -> DataBundl
         labelled, target_test = target.take(tr_idx), target.take(te_idx)
         held_out = target.group
         if cfg.val_domains is not None:
-            val_pool = _without_recordings(pool.take(np.flatnonzero(np.isin(pool.domain, cfg.val_domains))), target.group,
-                                           "dropped {n} validation-domain window(s) that share a recording with the target", notes)
+            val_pool = pool.take(np.flatnonzero(np.isin(pool.domain, cfg.val_domains)))
+            val_pool = _without_recordings(val_pool, target.group, "dropped {n} validation-domain window(s) that share "
+                                           "a recording with the target", notes)
             held_out = np.concatenate([held_out, val_pool.group])
         source = _without_recordings(source, held_out, "dropped {n} source window(s) that share a recording with "
                                      "the target or validation windows", notes)
