@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from toolchain.data import (UCI_HAR_SIGNALS, build_protocol, load_basicmotions, load_data, load_uci_har, make_shift,
-                            parse_ts, rotation_matrix)
+from toolchain.data import (UCI_HAR_SIGNALS, build_protocol, load_basicmotions, load_data, load_ts_pair, load_uci_har,
+                            make_shift, parse_ts, rotation_matrix)
 from toolchain.errors import EdgetoolError
 from toolchain.recipe import DataConfig, ShiftConfig, recipe_from_dict
 
@@ -37,8 +37,9 @@ UCI_ACTIVITIES = ["WALKING", "WALKING_UPSTAIRS", "WALKING_DOWNSTAIRS", "SITTING"
 
 
 def signal_value(signal: int, window: int, t: np.ndarray) -> np.ndarray:
-    """A value that encodes (signal, window, time), so channel order and row order can be checked."""
-    return signal + 0.01 * window + 1e-4 * t
+    """A value that encodes (signal, window, time), so channel order and row order can be checked. The time
+    term stays below the window step, so no two windows share a sample (they would be one recording)."""
+    return signal + 0.01 * window + 1e-5 * t
 
 
 def make_uci_har(root: Path, subjects: dict[str, list[int]], windows_per_subject: int = 6, T: int = 128) -> Path:
@@ -52,8 +53,9 @@ def make_uci_har(root: Path, subjects: dict[str, list[int]], windows_per_subject
         inertial = ds / split / "Inertial Signals"
         inertial.mkdir(parents=True)
         n = windows_per_subject * len(subs)
+        first = 0 if split == "train" else 500  # test windows are other recordings, not copies of train windows
         for s, sig in enumerate(UCI_HAR_SIGNALS):
-            mat = np.stack([signal_value(s, w, t) for w in range(n)])
+            mat = np.stack([signal_value(s, first + w, t) for w in range(n)])
             # UCI HAR's own format: space-padded scientific notation, one window per line.
             np.savetxt(inertial / f"{sig}_{split}.txt", mat, fmt="%15.7e")
         y = [(w % len(UCI_ACTIVITIES)) + 1 for w in range(n)]
@@ -112,7 +114,7 @@ def test_ts_pair_loads_through_the_protocol(tmp_path):
     [
         (["1,2,x:4,5,6:up"], None, r"toy\.ts:11: not a number"),
         (["1,2,3:4,5:up"], None, "unequal-length dimensions"),
-        (["1,2,3:4,5,6:up", "1,2:4,5:down"], None, "different shapes"),
+        (["1,2,3:4,5,6:up", "1,2:4,5:down"], None, r"toy\.ts:12: series of length 2, @seriesLength is 3 \(malformed line\)"),
         (["1,2,3:4,5,6:sideways"], None, r"label\(s\) \['sideways'\] not among"),
         ([], None, "no @data section"),
         (["1,2,3:4,5,6"], "@classLabel false\n@data\n", "no class labels"),
@@ -296,10 +298,72 @@ def test_npz_bad_test_file_names_that_file(tmp_path):
         load_npz_via_recipe(tmp_path, arrays, test_path="test.npz", classes=["a", "b", "c"])
 
 
-def test_not_an_npz_file(tmp_path):
-    (tmp_path / "d.npz").write_text("hello")
-    with pytest.raises(EdgetoolError, match="cannot read as .npz"):
+def _zip_then_garbage(path: Path) -> None:
+    np.savez(path, **npz_arrays())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a download cut short: zip magic, no central directory
+
+
+@pytest.mark.parametrize(
+    "write, message",
+    [
+        (lambda p: p.write_text("hello"), r"d\.npz: not a valid \.npz \(zip\) archive \(expected X \[N, C, T\], y \[N\]"),
+        (lambda p: p.write_bytes(b""), r"d\.npz: not a valid \.npz \(zip\) archive"),
+        (_zip_then_garbage, r"d\.npz: not a valid \.npz \(zip\) archive \(BadZipFile"),
+        (lambda p: np.save(open(p, "wb"), np.zeros((2, 3, 4))), r"d\.npz: a single \.npy array, not an \.npz archive"),
+        (lambda p: np.savez(p, **npz_arrays(), class_names=np.array(["a", 1], dtype=object)),
+         r"d\.npz: array 'class_names' holds Python objects"),
+    ],
+    ids=["text", "empty", "truncated-zip", "npy", "object-array"],
+)
+def test_not_an_npz_file_says_what_it_is(tmp_path, write, message):
+    """np.load unpickles anything that is not a zip or .npy, and its error suggested allow_pickle (issue 11)."""
+    write(tmp_path / "d.npz")
+    with pytest.raises(EdgetoolError, match=message) as err:
         load_data(data_cfg(tmp_path, format="npz", train_path="d.npz"))
+    assert "allow_pickle" not in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "tail, message",
+    [
+        ("1,2,3:4,", r"toy\.ts:13: 1 dimension\(s\), expected 2 \(the file looks truncated here\)"),
+        ("1,2,3:4,5", r"toy\.ts:13: 1 dimension\(s\), expected 2 \(the file looks truncated here\)"),
+        ("1,2,3:4,5,6:", r"toy\.ts:13: no class label after the last ':' \(the file looks truncated here\)"),
+        ("1,2,3:4,5,6:do", r"toy\.ts:13: class label 'do' is not one of @classLabel \['up', 'down'\] \(the file looks truncated here\)"),
+        ("1,2", r"toy\.ts:13: 0 dimension\(s\), expected 2 \(the file looks truncated here\)"),
+        ("1,2,3:4,5,6:up\n1,2,3:4,5,6:down\n1,2,3:4,5,6:up\n1,2,3:4,5,6:down\n1,2,3:4,5,6:up\n1,2,3:4,5,6:down\n4.5e",
+         r"toy\.ts:19: 0 dimension\(s\), expected 2 \(the file looks truncated here\)"),
+    ],
+    ids=["mid-dimension", "mid-value", "before-label", "mid-label", "first-dimension", "later-line"],
+)
+def test_truncated_ts_names_the_line(tmp_path, tail, message):
+    """A .ts file cut off mid-write was reported as unequal-length data with no line (issue 11)."""
+    path = write_ts(tmp_path / "toy.ts", [])
+    path.write_text(path.read_text() + "1,2,3:4,5,6:up\n" + tail)  # no final newline: the write stopped here
+    with pytest.raises(EdgetoolError, match=message):
+        load_ts_pair(path, path, None)
+
+
+def test_malformed_ts_line_in_the_middle_is_not_called_truncated(tmp_path):
+    path = write_ts(tmp_path / "toy.ts", ["1,2,3:4,5,6:up", "1,2,3:down", "1,2,3:4,5,6:up"])
+    with pytest.raises(EdgetoolError, match=r"toy\.ts:12: 1 dimension\(s\), expected 2 \(malformed line\)"):
+        parse_ts(path)
+    # Without @dimensions / @seriesLength the first series sets what the others must match.
+    path = write_ts(tmp_path / "bare.ts", ["1,2,3:4,5,6:up", "1,2,3,4:4,5,6,7:down"], header="@classLabel true up down\n@data\n")
+    with pytest.raises(EdgetoolError, match=r"bare\.ts:4: series of length 4, the first series has 3 \(malformed line\)"):
+        parse_ts(path)
+    path = write_ts(tmp_path / "ragged.ts", ["1,2,3:4,5,6:up", "1,2:4,5:down"],
+                    header="@equalLength false\n@classLabel true up down\n@data\n")
+    with pytest.raises(EdgetoolError, match=r"ragged\.ts:5: .*unequal-length data \(@equalLength false\) is not supported"):
+        parse_ts(path)
+
+
+def test_target_shots_above_what_is_there_is_noted():
+    """target_shots larger than a class's labelled windows was reduced silently (issue 11): now a note."""
+    bundle = load_data(DataConfig(target_shots=15, shift=ShiftConfig(rotation_deg=45)), seed=0)
+    assert np.bincount(bundle.target_train.y).tolist() == [10, 10, 10, 10]
+    assert "data.target_shots 15: only class 'Standing' 10" in bundle.notes[0]
 
 
 # ---------------------------------------------------------------------------------------------- shift

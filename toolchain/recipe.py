@@ -43,11 +43,17 @@ class DataConfig(_Strict):
     target_domains: list[int] | None = Field(None, min_length=1)
     shift: ShiftConfig | None = None
     target_shots: int | None = Field(None, gt=0, description="labelled target windows per class for adaptation")
+    target_shots_per: Literal["class", "domain_class"] = Field(
+        "class", description="target_shots per class (pooled over target domains) or per target domain x class pair")
+    val_shots: int = Field(2, ge=0, description="labelled target windows per class (or domain x class) for validation, "
+                           "drawn after target_shots from recordings neither the shots nor the test use; 0: none")
+    val_domains: list[int] | None = Field(None, min_length=1, description="domains whose windows form the validation "
+                                          "split (instead of val_shots)")
     test_fraction: float = Field(0.5, gt=0, lt=1, description="target share held out for testing when there is no test split")
     source_classes: list[str] | None = Field(None, description="new-classes scenario: classes the source domain has")
     classes: list[str] | None = Field(None, description="the class names the recipe expects; other labels are errors")
 
-    @field_validator("source_domains", "target_domains", "source_classes", "classes")
+    @field_validator("source_domains", "target_domains", "val_domains", "source_classes", "classes")
     @classmethod
     def _no_duplicates(cls, v: list | None) -> list | None:
         if v is not None and len(set(v)) != len(v):
@@ -62,6 +68,15 @@ class DataConfig(_Strict):
             raise ValueError("data.test_path is required for format 'ts'")
         if (self.source_domains is None) != (self.target_domains is None):
             raise ValueError("set both data.source_domains and data.target_domains, or neither")
+        if self.val_domains is not None:
+            if self.source_domains is None:
+                raise ValueError("data.val_domains needs data.source_domains and data.target_domains")
+            both = sorted(set(self.val_domains) & (set(self.source_domains) | set(self.target_domains)))
+            if both:
+                raise ValueError(f"data.val_domains {both} are also source or target domains")
+            # val_shots has a default, so only an explicit value conflicts with val_domains.
+            if "val_shots" in self.model_fields_set and self.val_shots:
+                raise ValueError("set data.val_domains or data.val_shots, not both")
         return self
 
 
