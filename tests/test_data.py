@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from toolchain.data import (UCI_HAR_SIGNALS, build_protocol, load_basicmotions, load_data, load_ts_pair, load_uci_har,
-                            make_shift, parse_ts, rotation_matrix)
+from toolchain.data import build_protocol, load_data, make_shift, rotation_matrix
+from toolchain.dataformats import UCI_HAR_SIGNALS, load_basicmotions, load_ts_pair, load_uci_har, parse_ts
 from toolchain.errors import EdgetoolError
 from toolchain.recipe import DataConfig, ShiftConfig, recipe_from_dict
 
@@ -127,7 +127,6 @@ def test_ts_pair_loads_through_the_protocol(tmp_path):
 def test_malformed_ts_is_one_clear_error(tmp_path, rows, header, message):
     path = write_ts(tmp_path / "toy.ts", rows, header)
     with pytest.raises(EdgetoolError, match=message):
-        from toolchain.data import load_ts_pair
 
         load_ts_pair(path, path, None)
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from toolchain.data import (RawDataset, Split, build_protocol, find_overlaps, load_basicmotions, load_data,
-                            load_uci_har, recording_groups)
+from toolchain.data import build_protocol, load_data
+from toolchain.dataformats import RawDataset, Split, load_basicmotions, load_uci_har
+from toolchain.recordings import find_overlaps, recording_groups
 from toolchain.errors import EdgetoolError
 from toolchain.recipe import DataConfig, load_recipe, recipe_from_dict
 
