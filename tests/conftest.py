@@ -12,8 +12,8 @@ from toolchain.recipe import Recipe, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
-# One intra-op thread: on a 2-core machine torch's default thread pool oversubscribes the cores
-# (measured 5x slower under load), and numeric results must not depend on the thread count.
+# One intra-op thread: torch's default pool oversubscribes small CI machines under load, and numeric
+# results must not depend on the thread count.
 torch.set_num_threads(1)
 
 

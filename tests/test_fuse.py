@@ -29,20 +29,11 @@ from toolchain.methods.registry import get_method
 from toolchain.methods.settings import method_names, method_settings, settings_for
 from toolchain.methods.base import AdaptationMethod
 from toolchain.recipe import FuseConfig
+from zoo import BACKBONES, CONV_KINDS, conv_model, inputs_for
+from zoo import backbone as zoo_backbone
 
 # ---------------------------------------------------------------------------------------------- per-kind fusion
 
-# (conv factory, input shape without batch): every kind the issue names, incl. those PEFT refuses to merge.
-CONV_KINDS = {
-    "conv1d_bias": (lambda: nn.Conv1d(4, 6, 3, padding=1, bias=True), (4, 16)),
-    "conv1d_nobias": (lambda: nn.Conv1d(4, 6, 5, stride=2, padding=2, bias=False), (4, 16)),
-    "conv1d_grouped": (lambda: nn.Conv1d(4, 8, 3, padding=1, groups=2, bias=True), (4, 16)),
-    "conv1d_depthwise": (lambda: nn.Conv1d(4, 4, 5, padding=2, groups=4, bias=False), (4, 16)),
-    "conv2d_bias": (lambda: nn.Conv2d(4, 6, 3, padding=1, bias=True), (4, 8, 8)),
-    "conv2d_nobias": (lambda: nn.Conv2d(4, 6, (3, 1), stride=(2, 1), bias=False), (4, 8, 8)),
-    "conv2d_grouped": (lambda: nn.Conv2d(4, 8, 3, padding=1, groups=2, bias=False), (4, 8, 8)),
-    "conv2d_depthwise": (lambda: nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=True), (4, 8, 8)),
-}
 REQUIRED_MERGEABLE = {"ttlora", "full"}
 
 
@@ -58,25 +49,10 @@ def _cfg_id(cfg) -> str:
 
 
 def _toy(kind: str) -> tuple[nn.Module, tuple[int, ...]]:
-    make_conv, shape = CONV_KINDS[kind]
-    conv = make_conv()
-    two_d = isinstance(conv, nn.Conv2d)
-    bn = nn.BatchNorm2d(conv.out_channels) if two_d else nn.BatchNorm1d(conv.out_channels)
-    pool = nn.AdaptiveAvgPool2d(1) if two_d else nn.AdaptiveAvgPool1d(1)
-    model = nn.Sequential()
-    model.add_module("conv", conv)
-    model.add_module("bn", bn)
-    model.add_module("act", nn.ReLU())
-    model.add_module("pool", pool)
-    model.add_module("flat", nn.Flatten())
-    model.add_module("head", nn.Linear(conv.out_channels, 3))
-    with torch.no_grad():  # non-trivial BN statistics, as after pretraining
-        bn.running_mean.uniform_(-0.5, 0.5)
-        bn.running_var.uniform_(0.5, 2.0)
-    return model.eval(), shape
+    return conv_model(kind)
 
 
-def _adapted_toy(cfg: MethodConfig, kind: str, seed: int = 0):
+def _adapted_toy(cfg, kind: str, seed: int = 0):
     torch.manual_seed(seed)
     reference, shape = _toy(kind)
     method = get_method(cfg)
@@ -121,6 +97,36 @@ def test_fusion_is_equivalent_for_every_conv_kind(cfg, kind):
         assert torch.equal(fused.get_submodule("conv").weight, expected)
         unfused = check_equivalence(adapted, method.unload(adapted), X, fc.atol, fc.rtol)
         assert not unfused.passed and unfused.worst_layer == "conv"
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+@pytest.mark.parametrize("cfg", _method_configs(), ids=_cfg_id)
+def test_fusion_is_equivalent_on_every_backbone(cfg, backbone):
+    """Whole models (residual, depthwise-separable, 2-D with circular/dilated/grouped convs): the fused
+    model is the base architecture and computes what the adapted one does."""
+    original = zoo_backbone(backbone)
+    method = get_method(cfg)
+    head = "fc" if backbone == "cnn2d" else "classifier"
+    try:
+        adapted = method.inject(copy.deepcopy(original), head)
+    except EdgetoolError:  # a method may decline a model up front (e.g. linear adapter on grouped-only)
+        assert cfg.name not in REQUIRED_MERGEABLE
+        return
+    with torch.no_grad():
+        for _, p in method.trainable_parameters(adapted):
+            p.add_(0.05 * torch.randn_like(p, generator=None))
+    adapted.eval()
+    if not _mergeable(method, adapted):
+        return
+    X = inputs_for(backbone, 6).numpy()
+    fused = fuse_model(method, adapted)
+    assert architecture_differences(fused, original) == []
+    assert not any(p.requires_grad for p in fused.parameters())
+    fc = FuseConfig()
+    report = check_equivalence(adapted, fused, X, fc.atol, fc.rtol)
+    assert report.passed, report.failure()
+    if cfg.name not in ("full", "head", "bn", "bias", "galore"):  # an injected update must change the output
+        assert not check_equivalence(adapted, method.unload(adapted), X, fc.atol, fc.rtol).passed
 
 
 def test_required_methods_are_registered():

@@ -1,5 +1,5 @@
-"""Every adaptation method: what trains, step-0 identity, fusion equivalence on depthwise/grouped
-backbones, adapter-state round trips, the adapter's refusal to fuse, and GaLore's projection."""
+"""Every adaptation method: what trains, step-0 identity, adapter-state round trips, the adapter's refusal
+to fuse, and GaLore's projection (fusion equivalence is tested in test_fuse.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from toolchain.methods.settings import method_settings
 from toolchain.methods.galore import GaLoreOptimizer, orthogonal_basis, project, project_back
 from toolchain.models import CONV_TYPES, MobileNet1d, find_head
 from toolchain.recipe import OptimConfig
+import zoo
 
 RANK = 2
 
@@ -41,50 +42,12 @@ FUSABLE = ["full", "head", "bn", "bias", "lora", "dora", "galore", "adapter_line
 ZERO_INIT = ["lora", "dora", "adapter", "adapter_linear", "ttlora"]
 
 
-class ToyConv2dNet(nn.Module):
-    """Conv2d net with a depthwise conv (circular padding, stride 2), a grouped dilated conv and biases."""
-
-    def __init__(self, num_classes: int = 5):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=True)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.depthwise = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=False, padding_mode="circular")
-        self.bn2 = nn.BatchNorm2d(8)
-        self.grouped = nn.Conv2d(8, 12, 3, padding=2, dilation=2, groups=4, bias=True)
-        self.pointwise = nn.Conv2d(12, 16, 1, bias=True)
-        self.classifier = nn.Linear(16, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.stem(x)))
-        x = torch.relu(self.bn2(self.depthwise(x)))
-        x = torch.relu(self.pointwise(torch.relu(self.grouped(x))))
-        return self.classifier(x.mean(dim=(2, 3)))
-
-
-def _randomise_bn(model: nn.Module) -> None:
-    """Non-trivial BN statistics and affine parameters, so BN is not an identity in eval mode."""
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-
-
 def mobilenet() -> tuple[nn.Module, torch.Tensor]:
-    torch.manual_seed(0)
-    model = MobileNet1d(6, 5, width=4)
-    _randomise_bn(model)
-    return model.eval(), torch.randn(4, 6, 40)
+    return zoo.backbone("mobilenet1d"), zoo.inputs_for("mobilenet1d", 4)
 
 
 def toy2d() -> tuple[nn.Module, torch.Tensor]:
-    torch.manual_seed(0)
-    model = ToyConv2dNet()
-    _randomise_bn(model)
-    return model.eval(), torch.randn(4, 3, 12, 12)
+    return zoo.backbone("toy_conv2d"), zoo.inputs_for("toy_conv2d", 4)
 
 
 BACKBONES = {"mobilenet1d": mobilenet, "toy_conv2d": toy2d}
@@ -218,41 +181,7 @@ def test_zero_init_methods_leave_the_output_unchanged_at_step_0(method_key, back
     torch.testing.assert_close(after, before, rtol=1e-6, atol=1e-6)
 
 
-# ------------------------------------------------------------------------------------------------ fusion
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-@pytest.mark.parametrize("backbone", sorted(BACKBONES))
-@pytest.mark.parametrize("method_key", FUSABLE)
-def test_fusable_methods_merge_to_the_base_architecture_with_equal_output(method_key, backbone):
-    reference, _ = BACKBONES[backbone]()
-    model, method, x, _ = injected(method_key, backbone)
-    assert method.mergeable
-    train_a_little(model, method, x)
-    fused = method.merge(model)
-    with torch.no_grad():
-        adapted_out, fused_out, base_out = model(x), fused(x), reference(x)
-    assert _rel_err(adapted_out, base_out) > 1e-3, "the update should change the output"
-    assert _rel_err(fused_out, adapted_out) < 1e-5
-    # plain base architecture: same module types, same state-dict keys and shapes, nothing trainable
-    assert not any(isinstance(m, AdapterLayer) for m in fused.modules())
-    assert [type(m) for m in fused.modules()] == [type(m) for m in reference.modules()]
-    assert {k: v.shape for k, v in fused.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
-    assert not any(p.requires_grad for p in fused.parameters())
-
-
-@pytest.mark.parametrize("method_key", ["lora", "dora", "adapter_linear", "ttlora"])
-def test_merged_weight_is_base_plus_delta(method_key):
-    model, method, x, _ = injected(method_key, "toy_conv2d")
-    train_a_little(model, method, x)
-    layers = [m for m in model.modules() if isinstance(m, AdapterLayer)]
-    assert layers
-    for layer in layers:
-        delta = layer.delta_weight()
-        assert delta.dtype == torch.float64 and delta.shape == layer.base.weight.shape and delta.abs().max() > 0
-        torch.testing.assert_close(layer.merged_weight(), layer.base.weight.double() + delta)
+# ------------------------------------------------------------------------------------------------ fusion flags
 
 
 def test_mergeable_flags_are_honest():

@@ -15,16 +15,14 @@ from torch import nn
 
 peft = pytest.importorskip("peft", reason="HF PEFT is the reference for the LoRA/DoRA cross-check (pip install peft)")
 
+import zoo  # noqa: E402
 from toolchain.methods.dora import DoRAConv  # noqa: E402
 from toolchain.methods.lora import LoRAConv  # noqa: E402
 
 RANK, ALPHA = 3, 5.0
 
-CONVS = {
-    "conv1d_k5_s2": lambda: nn.Conv1d(6, 8, 5, stride=2, padding=2, bias=True),
-    "conv2d_k3": lambda: nn.Conv2d(4, 6, 3, padding=1, bias=True),
-    "conv2d_1x1": lambda: nn.Conv2d(5, 7, 1, bias=True),
-}
+# PEFT's conv LoRA/DoRA takes dense, zero-padded, undilated convs: that part of the zoo.
+CONVS = {k: zoo.CONV_KINDS[k][0] for k in zoo.dense_kinds()}
 
 
 
@@ -103,7 +101,7 @@ def test_merged_weight_and_bias_match_peft_merge_and_unload(conv_key, use_dora):
 def test_dora_norm_is_detached_like_peft():
     """Same loss, same gradients for A, B and the magnitude: only possible if both treat ||W + s dW||_c
     as a constant in the backward pass."""
-    ours, peft_model, layer = _pair("conv2d_k3", use_dora=True)
+    ours, peft_model, layer = _pair("conv2d_bias", use_dora=True)
     ours.train()
     peft_model.train()
     x = _input(ours.base)

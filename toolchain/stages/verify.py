@@ -163,9 +163,7 @@ def _unfused_phase(adapted, fused, backend: Backend, ed: EngineDir, X: np.ndarra
 
     import torch
 
-    # One intra-op thread while timing eager PyTorch: its OpenMP pool spin-waits, and on a loaded machine
-    # a 2-thread pool ran ~10x slower than one thread (450 vs 47 ms at batch 32 on the 2-core dev box),
-    # which drowned the difference being measured. Both models get the same setting; restored after.
+    # See TORCH_TIMING_THREADS.
     threads = torch.get_num_threads()
     torch.set_num_threads(TORCH_TIMING_THREADS)
     try:
