@@ -16,6 +16,7 @@ which number tensors in export order rather than name them; everything else is c
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from collections import Counter
@@ -71,7 +72,7 @@ def _diff(a: Any, b: Any, path: str, out: list[str]) -> None:
         out.append(f"{path}: {_short(a)} vs {_short(b)}")
 
 
-def _short(v: Any, limit: int = 80) -> str:
+def _short(v: Any, limit: int = 160) -> str:
     text = json.dumps(v) if not isinstance(v, str) else repr(v)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -125,8 +126,16 @@ class EngineComparison:
                                                   if len(self.differences) > 3 else "")
 
 
+def _signature(layer: Any) -> str:
+    if isinstance(layer, dict):
+        return f"{normalise_name(str(layer.get('Name', '?')))}|{layer.get('LayerType', '?')}"
+    return normalise_name(str(layer))
+
+
 def compare_engine_layers(original: dict[str, Any], fused: dict[str, Any], max_differences: int = 20) -> EngineComparison:
-    """Layer i of one engine against layer i of the other, every field (names normalised); the bindings too."""
+    """Every field of every layer (names normalised) and the bindings. Layers are paired in order, aligned
+    by name and type (difflib) so that a layer fused differently shows up as layers only in one engine
+    rather than as a cascade of shifted differences."""
     la, lb = original.get("Layers", []), fused.get("Layers", [])
     detailed = all(isinstance(x, dict) for x in la + lb)
     diffs: list[str] = []
@@ -135,15 +144,22 @@ def compare_engine_layers(original: dict[str, Any], fused: dict[str, Any], max_d
                      "so types, precisions and tactics cannot be compared")
     if len(la) != len(lb):
         diffs.append(f"layer count {len(la)} vs {len(lb)}")
-    for i, (a, b) in enumerate(zip(la, lb)):
+
+    def pair(i: int, j: int) -> None:
         found: list[str] = []
-        _diff(_normalised(a), _normalised(b), "", found)
-        for d in found:
-            diffs.append(f"layer {i} ({_layer_label(a)}): {d}")
-    longer, which = (la, "original") if len(la) > len(lb) else (lb, "fused")
-    for i in range(min(len(la), len(lb)), len(longer)):
-        diffs.append(f"layer {i} ({_layer_label(longer[i])}) only in {which}")
-    found = []
+        _diff(_normalised(la[i]), _normalised(lb[j]), "", found)
+        where = f"layer {i}" if i == j else f"layer {i} (fused {j})"
+        diffs.extend(f"{where} ({_layer_label(la[i])}): {d}" for d in found)
+
+    matcher = difflib.SequenceMatcher(None, [_signature(x) for x in la], [_signature(x) for x in lb], autojunk=False)
+    for op, i1, i2, j1, j2 in matcher.get_opcodes():
+        if op == "equal" or (op == "replace" and i2 - i1 == j2 - j1):
+            for k in range(i2 - i1):
+                pair(i1 + k, j1 + k)
+            continue
+        diffs.extend(f"layer {i} ({_layer_label(la[i])}) only in original" for i in range(i1, i2))
+        diffs.extend(f"fused layer {j} ({_layer_label(lb[j])}) only in fused" for j in range(j1, j2))
+    found: list[str] = []
     _diff(_normalised(original.get("Bindings")), _normalised(fused.get("Bindings")), "Bindings", found)
     diffs += found
     if len(diffs) > max_differences:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import io
+import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -295,18 +296,21 @@ class TensorRTBackend(Backend):
         from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
 
         shape = tuple(ed.input_shape)
-        # The cache is handed over as bytes and written back atomically (no lock file, no half-written cache).
-        loaded = io.BytesIO(cache.read_bytes() if cache.is_file() else b"")
-        saved = io.BytesIO()
-        with trt_calls(self._facts, f"could not build an engine from {onnx_path.name}"):
-            profiles = [Profile().add(ed.input_name, min=(b, *shape), opt=(b, *shape), max=(b, *shape))
-                        for b in plan.profile_batches]
-            network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=plan.strongly_typed)
-            config = CreateConfig(fp16=plan.fp16_flag, profiles=profiles, load_timing_cache=loaded,
-                                  profiling_verbosity=self._trt.ProfilingVerbosity.DETAILED)
-            engine = bytes(EngineBytesFromNetwork(network, config=config, save_timing_cache=saved)())
-        if saved.getvalue():
-            atomic_write_bytes(cache, saved.getvalue())
+        # Polygraphy reads and extends the cache in place (with a .lock file beside it): let it work on a copy
+        # in a temporary directory and put the result back atomically, so ENGINE_DIR never holds a torn cache.
+        with tempfile.TemporaryDirectory(prefix="edgetool-trt-") as tmp:
+            work = Path(tmp) / cache.name
+            if cache.is_file():
+                shutil.copyfile(cache, work)
+            with trt_calls(self._facts, f"could not build an engine from {onnx_path.name}"):
+                profiles = [Profile().add(ed.input_name, min=(b, *shape), opt=(b, *shape), max=(b, *shape))
+                            for b in plan.profile_batches]
+                network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=plan.strongly_typed)
+                config = CreateConfig(fp16=plan.fp16_flag, profiles=profiles, load_timing_cache=str(work),
+                                      profiling_verbosity=self._trt.ProfilingVerbosity.DETAILED)
+                engine = bytes(EngineBytesFromNetwork(network, config=config, save_timing_cache=str(work))())
+            if work.is_file():
+                atomic_write_bytes(cache, work.read_bytes())
         return engine
 
     def runner(self, ed: EngineDir, graph: str, precision: str, batch_sizes: tuple[int, ...], echo=None) -> Runner:
