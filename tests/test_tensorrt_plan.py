@@ -176,3 +176,28 @@ def test_edgetool_errors_pass_through_trt_calls_unchanged():
     with pytest.raises(EdgetoolError, match="^the TensorRT engines were built for batches up to 32"):
         with trt_calls(TRT_10_3, "running fused"):
             plan_build(TRT_10_3, ORIN_NANO, (1, 32)).profile_for(64)
+
+
+# ------------------------------------------------------------------------------------- --trt-build
+
+
+def test_trt_build_option_reaches_the_tensorrt_backend_and_is_noted_elsewhere():
+    from toolchain.backends.onnxruntime import OnnxRuntimeBackend
+    from toolchain.backends.tensorrt import TensorRTBackend
+    from toolchain.stages.verify import _apply_trt_build
+
+    trt_backend, notes = TensorRTBackend(), []
+    assert trt_backend.build == STRONGLY_TYPED
+    _apply_trt_build(trt_backend, WEAK_FP16_FLAG, notes.append)
+    assert trt_backend.build == WEAK_FP16_FLAG and notes == []
+    _apply_trt_build(OnnxRuntimeBackend(), WEAK_FP16_FLAG, notes.append)
+    assert notes == ["note: --trt-build weak-fp16-flag ignored: the engine is onnxruntime"]
+
+
+def test_trt_build_choices_are_checked_by_the_cli(tmp_path):
+    from click.testing import CliRunner
+
+    from toolchain.cli import main
+
+    res = CliRunner().invoke(main, ["verify", str(tmp_path), "--trt-build", "fp16"])
+    assert res.exit_code == 2 and "'strongly-typed', 'weak-fp16-flag'" in res.output

@@ -341,8 +341,7 @@ class TensorRTBackend(Backend):
                     inspector.execution_context = context
                     out[g][b] = parse_engine_information(
                         inspector.get_engine_information(trt.LayerInformationFormat.JSON), path.name)
-                inspector.execution_context = None
-                del inspector, context, engine
+                del inspector, context, engine  # in this order: the inspector refers to the context
         return out
 
     def device_state(self) -> dict[str, Any]:
