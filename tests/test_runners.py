@@ -246,7 +246,7 @@ def test_tensorrt_engine_cache_is_reused_and_rebuilt_when_stale(spec):
     mtime = plan.stat().st_mtime_ns
     assert backend.engine_for(spec, "fused", BATCHES, echo=built.append) == plan and len(built) == 1  # cached
     assert plan.stat().st_mtime_ns == mtime
-    src = spec.onnx("fused", "fp32" if backend.has_fp16_flag else "fp16")
+    src = spec.onnx("fused", backend.plan(BATCHES).onnx_precision)
     later = plan.stat().st_mtime + 5
     os.utime(src, (later, later))
     backend.engine_for(spec, "fused", BATCHES, echo=built.append)

@@ -13,6 +13,7 @@ import click
 
 from . import __version__
 from .backends import ENGINE_CHOICES
+from .backends.trtplan import BUILD_MODES, STRONGLY_TYPED
 from .errors import EdgetoolError
 
 RECIPE = click.argument("recipe", type=click.Path(path_type=Path))
@@ -112,15 +113,19 @@ def fuse_export_cmd(run_dir: Path, out: Path | None) -> None:
                    "a CUDA device are usable).")
 @click.option("--iterations", type=click.IntRange(min=1), help="Override verify.iterations (timed runs per engine and batch).")
 @click.option("--warmup", type=click.IntRange(min=0), help="Override verify.warmup.")
+@click.option("--trt-build", type=click.Choice(BUILD_MODES), default=None,
+              help=f"How TensorRT builds the engines (default {STRONGLY_TYPED}: *.fp16.onnx as a strongly typed "
+                   "network, the graph ONNX Runtime checked; weak-fp16-flag: the FP32 graph with the FP16 builder "
+                   "flag, for TensorRT 8.6 / `trtexec --fp16` deployments; not on TensorRT 11).")
 @reports_errors
-def verify_cmd(engine_dir: Path, engine: str, iterations: int | None, warmup: int | None) -> None:
+def verify_cmd(engine_dir: Path, engine: str, iterations: int | None, warmup: int | None, trt_build: str | None) -> None:
     """Prove the fused engine matches the fused PyTorch model (accuracy) and the original engine (latency).
 
     Writes ENGINE_DIR/verify_report.json and verify_junit.xml. Exit 0 pass, 1 a parity check failed,
     2 bad input or environment (e.g. TensorRT not installed)."""
     from .stages.verify import verify
 
-    verify(engine_dir, engine, echo=echo, iterations=iterations, warmup=warmup)
+    verify(engine_dir, engine, echo=echo, iterations=iterations, warmup=warmup, trt_build=trt_build)
 
 
 @main.command("bench")

@@ -5,6 +5,7 @@
   fuse_report.json                          what fuse-export proved, and the sha256 of every file above
   verify_report.json, verify_junit.xml      what verify proved (written by verify)
   <graph>.fp16.trt<version>.<device>.plan   TensorRT engines cached by verify (+ .json cache key)
+  timing.trt<version>.<device>.cache        TensorRT's tactic timing cache, shared by both engines
 
 A failed fuse-export writes no directory; its report goes to `<dir>.failed-report.json` beside it.
 This module is the only one that spells these names."""
@@ -37,6 +38,10 @@ EXPORT_FILES = tuple(onnx_name(g, p) for p in PRECISIONS for g in GRAPHS)
 
 def plan_name(graph: str, precision: str, tensorrt_version: str, device_slug: str) -> str:
     return f"{graph}.{precision}.trt{tensorrt_version}.{device_slug}.plan"
+
+
+def timing_cache_name(tensorrt_version: str, device_slug: str) -> str:
+    return f"timing.trt{tensorrt_version}.{device_slug}.cache"
 
 
 def failed_report_path(out: Path) -> Path:
@@ -79,6 +84,9 @@ class EngineDir:
 
     def plan(self, graph: str, precision: str, tensorrt_version: str, device_slug: str) -> Path:
         return self.path / plan_name(graph, precision, tensorrt_version, device_slug)
+
+    def timing_cache(self, tensorrt_version: str, device_slug: str) -> Path:
+        return self.path / timing_cache_name(tensorrt_version, device_slug)
 
     @property
     def report_path(self) -> Path:

@@ -120,6 +120,10 @@ class VerifyConfig(_Strict):
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 32])
     warmup: int = Field(20, ge=0)
     iterations: int = Field(200, gt=0, description="timed runs per engine and batch size (interleaved A B A B)")
+    warmup_seconds: float = Field(0.2, ge=0, description="each engine also warms up at least this long per batch "
+                                  "size (interleaved), as trtexec's --warmUp 200 ms")
+    min_seconds: float = Field(1.0, ge=0, description="timed rounds go on past `iterations` until this much wall "
+                               "time has passed, per batch size (trtexec's --duration)")
     latency_band: float = Field(0.05, gt=0, lt=1, description="allowed |fused/original median ratio - 1|")
     unfused_iterations: int = Field(50, gt=0, description="timed runs per model and batch for the (informational) "
                                     "unfused-vs-fused comparison; at most `iterations`")

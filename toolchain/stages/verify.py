@@ -6,6 +6,7 @@ Checks (each one a JUnit testcase; any failure -> exit 1 naming it):
   accuracy.<precision>.f1_delta          |macro-F1(engine) - macro-F1(PyTorch)|
   accuracy.<precision>.output_error      Polygraphy's elementwise atol/rtol comparison of the logits
   latency.batch_<n>                      median(fused) / median(original) within 1 +/- band
+  structure.engine_layers_identical      (TensorRT) both engines' layers, precisions and tactics, layer by layer
 Precisions: what the backend runs (ONNX Runtime: the FP32 and the FP16 graph; TensorRT: FP16 engines),
 with the recipe's FP32 or FP16 tolerances.
 
@@ -28,6 +29,8 @@ import numpy as np
 
 from ..backends import select_backend
 from ..backends.base import BACKENDS, Backend, Runner
+from ..backends.engine_inspect import compare_engine_layers
+from ..backends.timing import interleaved_rounds
 from ..backends.onnxruntime import ort_session
 from ..backends.pytorch import TorchRunner
 from ..enginedir import VERIFY_JUNIT, VERIFY_REPORT, EngineDir, changed_since_export, read_engine_dir
@@ -75,6 +78,39 @@ def structure_checks(ed: EngineDir) -> list[Check]:
     return checks
 
 
+def engine_structure_checks(backend: Backend, ed: EngineDir, batch_sizes: tuple[int, ...],
+                            echo) -> tuple[list[Check], dict[str, Any]]:
+    """The primary proof of zero overhead on a backend that builds engines (TensorRT): the original and
+    fused engines, as built, have the same layers, types, tensor formats/precisions and tactics at every
+    timed batch size (from TensorRT's engine inspector). Latency confirms it. No check elsewhere."""
+    t0 = time.perf_counter()
+    layers = backend.engine_layers(ed, batch_sizes, echo)
+    if layers is None:
+        return [], {}
+    compared = {bs: compare_engine_layers(layers["original"][bs], layers["fused"][bs]) for bs in batch_sizes}
+    problems = [f"batch {bs}: {c.summary()}" for bs, c in compared.items() if not c.identical]
+    msg = "; ".join(problems) if problems else (
+        f"original and fused engines: {compared[batch_sizes[0]].summary()}, at batch {', '.join(map(str, batch_sizes))}")
+    figures = {str(bs): {"identical": c.identical, "layers": list(c.layers), "precisions": c.precisions,
+                         "differences": c.differences} for bs, c in compared.items()}
+    return [Check("structure.engine_layers_identical", not problems, msg, time.perf_counter() - t0)], figures
+
+
+def _timed_rounds(runners: dict[str, Runner], x: np.ndarray, cfg: VerifyConfig) -> dict[str, np.ndarray]:
+    """Per-round seconds of each runner on its own clock (see Runner.time_batch), interleaved."""
+    return interleaved_rounds(runners, x, cfg.warmup, cfg.iterations, cfg.warmup_seconds, cfg.min_seconds)
+
+
+def _timing_context(backend: Backend, runners: dict[str, Runner], ed: EngineDir, batch_sizes: tuple[int, ...],
+                    echo) -> dict[str, Any]:
+    """How the latency figures were taken and on what: each runner's clock, the device state (a Jetson's
+    power mode and clocks) and an independent timing of the same engines where one exists (trtexec)."""
+    return {"latency_clock": next(iter(runners.values())).clock,
+            "latency_timing": {n: r.timing_report() for n, r in runners.items()},
+            "device_state": backend.device_state(),
+            "latency_crosscheck": backend.latency_crosscheck(ed, batch_sizes, echo)}
+
+
 def _accuracy_phase(backend: Backend, ed: EngineDir, batch_sizes: tuple[int, ...], test, torch_out: np.ndarray, cfg: VerifyConfig,
                     echo) -> tuple[dict[str, AccuracyResult], list[Check]]:
     accuracy: dict[str, AccuracyResult] = {}
@@ -107,11 +143,12 @@ def _latency_phase(backend: Backend, ed: EngineDir, X: np.ndarray, batch_sizes: 
         for r in runners.values():
             r.activate()
         for bs in batch_sizes:
-            times = interleaved_timings(runners, latency_input(X, bs), cfg.warmup, cfg.iterations)
+            times = _timed_rounds(runners, latency_input(X, bs), cfg)
             for n, t in times.items():
                 latency_ms[n][str(bs)] = latency_stats(t)
             ratios[bs] = latency_ms["fused"][str(bs)]["p50"] / latency_ms["original"][str(bs)]["p50"]
             control[bs] = control_noise(times["original"], times["control"])
+        context = _timing_context(backend, runners, ed, batch_sizes, echo)
     finally:
         for r in runners.values():
             r.deactivate()
@@ -127,6 +164,7 @@ def _latency_phase(backend: Backend, ed: EngineDir, X: np.ndarray, batch_sizes: 
                             for b, c in control.items()},
         "latency_band": {"requested": band.requested, "effective": band.effective, "widened": band.widened,
                          "noise": band.noise, "reason": band.reason, "max": cfg.latency_band_max},
+        **context,
     }
     return figures, band, checks
 
@@ -191,9 +229,10 @@ def _unfused_phase(adapted, fused, backend: Backend, ed: EngineDir, X: np.ndarra
 
 
 def verify(engine_dir: Path | str, engine: str = "auto", echo=print, iterations: int | None = None,
-           warmup: int | None = None) -> dict[str, Any]:
+           warmup: int | None = None, trt_build: str | None = None) -> dict[str, Any]:
     """Run every check, write verify_report.json and verify_junit.xml, print a summary; returns the report.
-    Raises ParityError (exit 1) naming the failed checks, EdgetoolError (exit 2) for bad input/environment."""
+    Raises ParityError (exit 1) naming the failed checks, EdgetoolError (exit 2) for bad input/environment.
+    `trt_build`: how TensorRT builds its engines (toolchain.backends.trtplan.BUILD_MODES)."""
     t_start = time.perf_counter()
     engine_dir = Path(engine_dir)
     if engine_dir.is_dir():
@@ -207,6 +246,7 @@ def verify(engine_dir: Path | str, engine: str = "auto", echo=print, iterations:
     ed = read_engine_dir(engine_dir)
     backend, selection = select_backend(engine)
     _log(echo, f"engine: {backend.name} ({selection})")
+    _apply_trt_build(backend, trt_build, echo)
 
     run = load_run(ed.run_dir)
     cfg = run.recipe.verify.model_copy()
@@ -229,6 +269,8 @@ def verify(engine_dir: Path | str, engine: str = "auto", echo=print, iterations:
     phase_seconds = {"load": time.perf_counter() - t_start}
     accuracy, checks = _accuracy_phase(backend, ed, batch_sizes, test, torch_out, cfg, echo)
     checks += structure_checks(ed)
+    engine_checks, engine_layers = engine_structure_checks(backend, ed, batch_sizes, echo)
+    checks += engine_checks
     phase_seconds["accuracy"] = time.perf_counter() - t_start - sum(phase_seconds.values())
     latency, band, lat_checks = _latency_phase(backend, ed, test.X, batch_sizes, cfg, echo)
     checks += lat_checks
@@ -260,9 +302,11 @@ def verify(engine_dir: Path | str, engine: str = "auto", echo=print, iterations:
         "unfused_latency_ratio": unfused["unfused_latency_ratio"],
         "unfused_latency_ms": unfused["unfused_latency_ms"],
         "unfused_onnx": unfused["unfused_onnx"],
+        "engine_layers": engine_layers,
         "timing": {"warmup": cfg.warmup, "iterations": cfg.iterations, "unfused_iterations": unfused["unfused_iterations"],
                    "torch_threads": unfused["torch_threads"], "batch_sizes": batch_sizes,
-                   "order": "round-robin original, fused, control (rotating each round); host-to-host wall clock"},
+                   "warmup_seconds": cfg.warmup_seconds, "min_seconds": cfg.min_seconds,
+                   "order": "round-robin original, fused, control (rotating each round); clock: see latency_clock"},
         "test_windows": len(test),
         "changed_since_export": changed,
         "checks": [asdict(c) for c in checks],
@@ -278,6 +322,15 @@ def verify(engine_dir: Path | str, engine: str = "auto", echo=print, iterations:
         first = next(c for c in checks if not c.passed)
         raise ParityError(f"parity check failed: {', '.join(failed)} ({first.message}); see {ed.report_path}")
     return report
+
+
+def _apply_trt_build(backend: Backend, trt_build: str | None, echo) -> None:
+    if trt_build is None:
+        return
+    if backend.name == "tensorrt":
+        backend.build = trt_build
+    else:
+        _log(echo, f"note: --trt-build {trt_build} ignored: the engine is {backend.name}")
 
 
 def summary(report: dict[str, Any], checks: list[Check], engine_dir: Path) -> str:

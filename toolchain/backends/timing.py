@@ -1,0 +1,67 @@
+"""How long to time, apart from what the clock is: warm up for a time, then measure until both a count
+and a duration are reached (trtexec's --warmUp / --iterations / --duration), and interleave several
+runners round by round so drift hits them alike. The clock is the runner's: the host wall clock around
+`infer` by default, CUDA events around the enqueue for TensorRT (`Runner.time_batch`)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .base import Runner
+
+
+def timed_loop(run_chunk: Callable[[int], np.ndarray], warmup_s: float, min_iters: int, min_seconds: float,
+               chunk: int = 1, clock: Callable[[], float] = time.perf_counter) -> np.ndarray:
+    """Per-iteration seconds: `run_chunk(n)` runs n iterations and returns their n timings. Warm-up runs
+    chunks until `warmup_s` has passed (at least one chunk when it is positive); the measurement runs
+    chunks until at least `min_iters` iterations AND `min_seconds` of wall time are done."""
+    chunk = max(1, int(chunk))
+    if warmup_s > 0:
+        start = clock()
+        while True:
+            run_chunk(chunk)
+            if clock() - start >= warmup_s:
+                break
+    parts: list[np.ndarray] = []
+    done, start = 0, clock()
+    while done < min_iters or (min_seconds > 0 and clock() - start < min_seconds):
+        n = chunk if done >= min_iters else min(chunk, min_iters - done)
+        t = np.asarray(run_chunk(n), dtype=float)
+        parts.append(t)
+        done += t.size
+    return np.concatenate(parts) if parts else np.empty(0)
+
+
+def interleaved_rounds(runners: dict[str, Runner], x: np.ndarray, warmup_rounds: int, rounds: int,
+                       warmup_s: float = 0.0, min_seconds: float = 0.0,
+                       clock: Callable[[], float] = time.perf_counter) -> dict[str, np.ndarray]:
+    """One figure per runner and round: the median of `runner.time_batch(x, 0, runner.round_iterations, 0)`.
+    First all runners warm up in turn until each has run `warmup_s` and `warmup_rounds` untimed rounds;
+    then rounds run until there are `rounds` of them and `min_seconds` have passed, every runner once per
+    round, the order rotating each round (A B C, B C A, C A B, ...) so position effects cancel."""
+    names = list(runners)
+
+    def one(n: str) -> float:
+        r = runners[n]
+        return float(np.median(r.time_batch(x, 0.0, r.round_iterations, 0.0)))
+
+    spent = dict.fromkeys(names, 0.0)
+    done_rounds = 0
+    while done_rounds < warmup_rounds or min(spent.values(), default=warmup_s) < warmup_s:
+        for n in names:
+            t0 = clock()
+            one(n)
+            spent[n] += clock() - t0
+        done_rounds += 1
+    times: dict[str, list[float]] = {n: [] for n in names}
+    i, start = 0, clock()
+    while i < rounds or (min_seconds > 0 and clock() - start < min_seconds):
+        k = i % len(names)
+        for n in names[k:] + names[:k]:
+            times[n].append(one(n))
+        i += 1
+    return {n: np.asarray(v) for n, v in times.items()}
