@@ -203,7 +203,8 @@ def atomic_dir(final: Path | str) -> Iterator[Path]:
         os.replace(tmp, final)
     except OSError as exc:  # e.g. permissions changed during the run
         if old is not None and not final.exists():
-            os.replace(old, final)
+            with contextlib.suppress(OSError):  # else remove_stale_temps puts it back on the next run
+                os.replace(old, final)
         shutil.rmtree(tmp, ignore_errors=True)
         raise EdgetoolError(f"cannot replace {final}: {exc.strerror or exc}") from None
     if old is not None:

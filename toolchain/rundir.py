@@ -29,7 +29,7 @@ import torch
 import yaml
 from torch import nn
 
-from .artifacts import atomic_dir, atomic_write_json, read_json, sha256_file
+from .artifacts import atomic_dir, atomic_write_json, read_json
 from .basemodel import ModelSpec, Shapes, build_adapted, load_base_model, original_model
 from .data import DataBundle, load_data
 from .errors import EdgetoolError
@@ -103,8 +103,7 @@ def write_run(out_dir: Path, recipe: Recipe, method_cfg: MethodSettings, payload
     buf = io.BytesIO()
     torch.save(payload, buf)
     # What fuse-export needs to rebuild the models without the data, and what identifies the adapter.
-    metrics.update(adapter_bytes=len(buf.getvalue()), adapter_sha256=hashlib.sha256(buf.getvalue()).hexdigest(),
-                   run_id=payload["run_id"], base_sha256=payload["base_sha256"], input_shape=payload["input_shape"],
+    metrics.update(adapter_bytes=len(buf.getvalue()), run_id=payload["run_id"], base_sha256=payload["base_sha256"], input_shape=payload["input_shape"],
                    class_names=payload["class_names"], num_source_classes=payload["num_source_classes"],
                    head=payload["head"], absolute_paths=absolute)
     with atomic_dir(out_dir) as tmp:
@@ -224,9 +223,6 @@ def load_run(run_dir: Path | str, echo=None) -> AdaptedRun:
     locate_inputs(recipe, metrics, run_dir, echo)
     payload = read_adapter(run_dir / ADAPTER_FILE)
     check_adapter_identity(run_dir / ADAPTER_FILE, payload, recipe, metrics)
-    if metrics.get("adapter_sha256") and sha256_file(run_dir / ADAPTER_FILE) != metrics["adapter_sha256"]:
-        _log(echo, f"note: {run_dir / ADAPTER_FILE} was modified after the run wrote it (metrics.json describes the "
-                   "adapter as written)")
     data_note = data_missing(recipe)
     data: DataBundle | None = None
     if data_note is None:

@@ -142,8 +142,10 @@ def _run_bench(recipe: Recipe, methods: list[str], n_seeds: int, configs: dict[s
     total = count_params(original)
     # Inject every method once before any training: one that does not fit this model (a layer selection
     # matching no conv, a linear adapter on grouped convs only) fails now, not after the others have run.
-    for mcfg, _ in configs.values():
-        build_adapted(mcfg, base, head_name, base_data)
+    for name, (mcfg, _) in configs.items():
+        for note in build_adapted(mcfg, base, head_name, base_data)[1].notes:
+            if echo is not None:
+                echo(f"note: {name}: {note}")
 
     seed_values = [recipe.seed + i for i in range(n_seeds)]
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
