@@ -137,6 +137,24 @@ def test_a_writer_killed_between_the_two_renames_gets_its_previous_output_back(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+def test_a_writer_killed_with_sigkill_mid_write_is_cleaned_up_by_the_next(tmp_path):
+    out = tmp_path / "run"
+    code = ("import sys\nfrom pathlib import Path\nfrom toolchain.artifacts import atomic_dir\n"
+            "with atomic_dir(sys.argv[1]) as d:\n    (Path(d) / 'adapter.pt').write_bytes(b'half')\n"
+            "    print('writing', flush=True)\n    sys.stdin.read()\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=env)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.kill()
+    proc.wait(timeout=30)
+    (left,) = tmp_path.iterdir()
+    assert left.name.startswith(f".run.tmp-{proc.pid}-") and (left / "adapter.pt").read_bytes() == b"half"
+    with output_lock(out):  # what every writing stage takes first
+        pass
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_temp_names_carry_the_writers_pid(tmp_path):
     with atomic_dir(tmp_path / "run") as d:
         assert d.name.startswith(f".run.tmp-{os.getpid()}-")
@@ -274,14 +292,14 @@ def test_rank_above_what_layers_can_use_is_capped_with_a_note():
     (note,) = method.notes
     assert "method.rank 1000 is more than 12 of 12 adapted layer(s) can use" in note
     # The first conv is (8, 6, 7): TT-SVD bonds 8 x 42 and 48 x 7, so at most rank 8 there.
-    assert "features.0.body.0 8" in note and "(12 in all)" in note
+    assert "features.0.body.0 -> 8" in note and "(12 in all)" in note
 
     mobile = MobileNet1d(6, 4, width=8)
     depthwise = [n for n, m in mobile.named_modules() if isinstance(m, torch.nn.Conv1d) and m.groups > 1]
     lora = get_method(method_settings(name="lora", rank=2))
     lora.inject(mobile)
     (note,) = lora.notes
-    assert depthwise and all(f"{n} 1" in note for n in depthwise[:6])  # a depthwise update has rank 1 per channel
+    assert depthwise and all(f"{n} -> 1" in note for n in depthwise[:6])  # a depthwise update has rank 1 per channel
 
     exact = get_method(method_settings(name="lora", rank=2))
     exact.inject(ResNet1d(6, 4, width=8))

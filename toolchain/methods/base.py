@@ -122,9 +122,9 @@ class AdaptationMethod:
         capped = [(n, r) for n, r in used.items() if r < requested]
         if not capped:
             return
-        listed = ", ".join(f"{n} {r}" for n, r in capped[:6]) + (f", ... ({len(capped)} in all)" if len(capped) > 6 else "")
+        listed = ", ".join(f"{n} -> {r}" for n, r in capped[:6]) + (f", ... ({len(capped)} in all)" if len(capped) > 6 else "")
         self.notes.append(f"method.rank {requested} is more than {len(capped)} of {len(used)} adapted layer(s) can use; "
-                          f"capped there to (layer rank): {listed}")
+                          f"capped (layer -> rank used): {listed}")
 
     def wrap_convs(self, model: nn.Module, make_layer, head_name: str | None = None) -> list[str]:
         names = select_convs(model, self.cfg.layers, exclude={head_name} if head_name else set())
