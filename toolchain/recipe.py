@@ -203,7 +203,7 @@ class Recipe(_Strict):
         return {**v, "name": DEFAULT_METHOD} if isinstance(v, dict) and "name" not in v else v
 
     def resolved_dict(self) -> dict[str, Any]:
-        """Everything with defaults filled in and absolute paths: what a run directory records."""
+        """Everything with defaults filled in and absolute paths (a run directory records them relative to itself)."""
         return self.model_dump(mode="json", exclude={"source"})
 
 
