@@ -140,7 +140,7 @@ def test_run_directory_has_every_artifact(two_runs, tiny_checkpoint):
         assert img.size[0] > 200 and img.size[1] > 100
 
     resolved = load_recipe(run / "recipe.yaml")
-    assert resolved.model.checkpoint == tiny_checkpoint  # absolute: the run works from anywhere
+    assert resolved.model.checkpoint == tiny_checkpoint  # stored relative to the run, resolved on load
     assert resolved.resolved_dict() == load_recipe(two_runs["recipe"]).resolved_dict()
 
     payload = torch.load(run / "adapter.pt", map_location="cpu", weights_only=True)

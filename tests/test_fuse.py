@@ -248,8 +248,9 @@ def test_cli_end_to_end_writes_the_contracted_engine_dir(exported, tiny_run):
                 "input_name", "output_name", "input_shape", "fp16_converter", "layers"):
         assert key in r, key
     assert r["passed"] and r["graph_identical"] and r["architecture_identical"] and r["fp16_graph_identical"]
-    assert r["run_dir"] == str(Path(tiny_run).resolve())
-    assert r["recipe"] == str(Path(tiny_run).resolve() / "recipe.yaml")
+    # Relative to the engine directory, so the two can be moved together (tests/test_portability.py).
+    assert (out / r["run_dir"]).resolve() == Path(tiny_run).resolve() == Path(r["run_dir_absolute"])
+    assert (out / r["recipe"]).resolve() == Path(tiny_run).resolve() / "recipe.yaml"
     assert (r["input_name"], r["output_name"], r["opset"], r["input_shape"]) == ("input", "logits", 17, [6, 100])
     assert "onnxconverter-common" in r["fp16_converter"]
     assert r["max_abs_error"] <= r["atol"] and r["argmax_agreement"] == 1.0
@@ -375,7 +376,7 @@ def test_checkpoint_of_another_architecture(tiny_run, tmp_path):
 
 def test_base_checkpoint_changed_since_adaptation(tiny_run, tmp_path):
     original = yaml.safe_load((Path(tiny_run) / "recipe.yaml").read_text())["model"]["checkpoint"]
-    ckpt = torch.load(original, weights_only=True)
+    ckpt = torch.load(Path(tiny_run) / original, weights_only=True)  # recorded relative to the run directory
     key = next(iter(ckpt["state_dict"]))
     ckpt["state_dict"][key] = ckpt["state_dict"][key] + 0.01
     torch.save(ckpt, tmp_path / "other.pt")

@@ -4,10 +4,12 @@ interrupted or failed stage never leaves a half-written file or directory that l
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,12 +34,33 @@ def _check_parent_writable(path: Path) -> None:
         raise EdgetoolError(f"output directory {parent} is not writable")
 
 
+def default_output(root: Path | str, name: str, field: str = "recipe field 'name'") -> Path:
+    """`root/name`, the default output of a stage. `name` must be a plain file name: an absolute path,
+    '..' or a path separator would put the output outside `root`, so such a name is refused (not
+    rewritten into another name the user never chose); an explicit --out is the way to write elsewhere."""
+    if (not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
+            or (os.altsep and os.altsep in name)):
+        raise EdgetoolError(f"{field} {name!r} cannot name the default output directory {Path(root)}/<name>: it must be a "
+                            "plain file name (no '/', no '..', not absolute); rename it or pass --out")
+    return Path(root) / name
+
+
+def _check_replaceable(out: Path) -> None:
+    """An existing output is replaced by renaming it aside and deleting it: both need write access to it
+    (and to every directory in it), which the parent's permissions do not show."""
+    for d in [out, *(p for p in out.rglob("*") if p.is_dir() and not p.is_symlink())]:
+        if not os.access(d, os.W_OK | os.X_OK):
+            where = "" if d == out else f" ({d} is not)"
+            raise EdgetoolError(f"output directory {out} exists and is not writable{where}: it could not be replaced "
+                                "after the work; fix its permissions or choose another --out")
+
+
 def check_output_dir(out: Path | str, own_files: tuple[str, ...], what: str,
                      protected: tuple[tuple[str, Path], ...] = ()) -> Path:
     """Guard a stage's --out before any work: the stage's output replaces whatever is at `out` (see
     atomic_dir), so refuse a file, a non-empty directory that is not an earlier output of the same stage
-    (lacks one of `own_files`), and a directory that is or contains a `protected` input; create the parent
-    and check it is writable. Returns the resolved path."""
+    (lacks one of `own_files`), a directory that is or contains a `protected` input and one that cannot be
+    replaced (not writable); create the parent and check it is writable. Returns the resolved path."""
     out = Path(out).resolve()
     if out.exists() and not out.is_dir():
         raise EdgetoolError(f"output path {out} exists and is not a directory")
@@ -51,7 +74,111 @@ def check_output_dir(out: Path | str, own_files: tuple[str, ...], what: str,
     if reasons:
         raise EdgetoolError(f"output directory {out} {' and '.join(reasons)}; refusing to replace it (choose another --out)")
     _check_parent_writable(out)
+    if out.is_dir():
+        _check_replaceable(out)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- one writer
+
+
+def _lock_path(out: Path) -> Path:
+    return out.with_name(f".{out.name}.lock")
+
+
+@contextlib.contextmanager
+def output_lock(out: Path | str) -> Iterator[Path]:
+    """Hold the right to write `out` for the block: a second edgetool process writing the same output
+    stops at once (exit 2) instead of both finishing and one result silently replacing the other.
+
+    An flock on `.<name>.lock` beside `out`: the kernel drops it when the process dies, so a killed
+    writer never leaves a stale lock. The file is removed on release; a process that opened it just
+    before the removal re-checks that it locked the file still at that path."""
+    out = Path(out).resolve()
+    _check_parent_writable(out)
+    lock = _lock_path(out)
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        except OSError as exc:
+            raise EdgetoolError(f"cannot create the lock file {lock} for {out}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            by = f" (process {holder})" if holder.isdigit() else ""
+            raise EdgetoolError(f"another edgetool process{by} is writing {out}; wait for it to finish or choose "
+                                "another --out") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # locked a file its holder had just removed: lock the one at the path now
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        remove_stale_temps(out)
+        yield lock
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def claimed_output(out: Path | str, own_files: tuple[str, ...], what: str,
+                   protected: tuple[tuple[str, Path], ...] = ()) -> Iterator[Path]:
+    """check_output_dir under output_lock, for the whole stage: yields the resolved output path."""
+    out = Path(out).resolve()
+    _check_parent_writable(out)
+    with output_lock(out):
+        yield check_output_dir(out, own_files, what, protected)
+
+
+# ---------------------------------------------------------------------------------------------- leftovers
+
+# atomic_dir's temporary siblings carry the writer's pid: .<name>.tmp-<pid>-<random>, .<name>.old-<pid>
+_TMP_PID = re.compile(r"(\d+)-[^/]+")
+_OLD_PID = re.compile(r"(\d+)")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_temps(final: Path | str) -> list[Path]:
+    """Remove what a writer of `final` killed mid-write (kill -9, power loss) left beside it: temporary
+    siblings whose pid is no longer alive. If it was killed between atomic_dir's two renames, `final` is
+    missing and its previous content sits in `.old-<pid>`: that is moved back instead. Returns what was
+    removed or restored."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    done = []
+    for entry in sorted(final.parent.iterdir()):
+        name = entry.name
+        for prefix, pattern in ((f".{final.name}.tmp-", _TMP_PID), (f".{final.name}.old-", _OLD_PID)):
+            m = pattern.fullmatch(name[len(prefix):]) if name.startswith(prefix) else None
+            if m is None or int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))):
+                continue
+            if pattern is _OLD_PID and not final.exists() and entry.is_dir():
+                os.replace(entry, final)
+            elif entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+            done.append(entry)
+    return done
 
 
 @contextlib.contextmanager
@@ -59,7 +186,7 @@ def atomic_dir(final: Path | str) -> Iterator[Path]:
     """Yield a fresh temp directory next to `final`; on success it replaces `final` in one rename."""
     final = Path(final).resolve()
     _check_parent_writable(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
     # mkdtemp makes 0700; give the result the usual umask permissions so other users (a TensorRT
     # container running as another uid, a CI collector) can read it.
     os.chmod(tmp, 0o777 & ~_umask())
@@ -69,10 +196,17 @@ def atomic_dir(final: Path | str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
+    try:
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+        os.replace(tmp, final)
+    except OSError as exc:  # e.g. permissions changed during the run
+        if old is not None and not final.exists():
+            with contextlib.suppress(OSError):  # else remove_stale_temps puts it back on the next run
+                os.replace(old, final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise EdgetoolError(f"cannot replace {final}: {exc.strerror or exc}") from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -80,7 +214,7 @@ def atomic_dir(final: Path | str) -> Iterator[Path]:
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     path = Path(path)
     _check_parent_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

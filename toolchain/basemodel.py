@@ -11,7 +11,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -23,7 +25,8 @@ from .methods.base import AdaptationMethod
 from .methods.registry import get_method
 from .methods.settings import FullSettings, MethodSettings
 from .metrics import evaluate
-from .models import build_model, extend_head, find_head, load_state_checked, read_base_checkpoint, save_base_checkpoint
+from .models import (build_model, count_params, extend_head, find_head, load_state_checked, read_base_checkpoint,
+                     save_base_checkpoint)
 from .recipe import Recipe
 from .train import fit, seed_everything
 
@@ -33,9 +36,31 @@ def _log(echo, msg: str) -> None:
         echo(msg)
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """What building the models takes from the data: the input shape and the classes. A DataBundle has
+    the same attributes, so either can be passed; a run directory records a ModelSpec so its models can
+    be rebuilt where its data is not (toolchain.rundir)."""
+
+    input_shape: tuple[int, ...]
+    class_names: list[str]
+    num_source_classes: int
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+Shapes = Union[DataBundle, ModelSpec]
+
+
 def base_fingerprint(recipe: Recipe) -> str:
     """What the base checkpoint depends on; a mismatch means it was pretrained for another recipe."""
     parts = {k: recipe.resolved_dict()[k] for k in ("data", "pretrain", "seed")}
+    # Data files by name, not by absolute path: a run directory copied to another machine is the same run.
+    for key in ("train_path", "test_path"):
+        if parts["data"].get(key):
+            parts["data"][key] = Path(parts["data"][key]).name
     parts["model"] = {k: v for k, v in recipe.resolved_dict()["model"].items() if k != "checkpoint"}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -45,6 +70,9 @@ def train_base(recipe: Recipe, data: DataBundle, progress: bool = True, echo=pri
     # Seed before building: the initial weights must not depend on what this process did before.
     seed_everything(recipe.seed)
     model = build_model(recipe.model, data.input_shape[0], data.num_source_classes)
+    # The same input check adapt makes, before any training: a model that cannot take these windows
+    # is bad input (exit 2), not an error deep inside the training loop.
+    check_io(model, data.source_train.X[:2], data.num_source_classes)
     method = get_method(FullSettings(bn="stats"))
     method.inject(model)
     result = fit(model, method, data.source_train, recipe.pretrain, recipe.seed, desc="pretrain", progress=progress)
@@ -61,7 +89,7 @@ def train_base(recipe: Recipe, data: DataBundle, progress: bool = True, echo=pri
     return {"checkpoint": str(recipe.model.checkpoint), "source_train_f1": f1, "source_train_accuracy": acc}
 
 
-def load_base_model(recipe: Recipe, data: DataBundle, echo=print) -> tuple[nn.Module, str, str]:
+def load_base_model(recipe: Recipe, data: Shapes, echo=print) -> tuple[nn.Module, str, str]:
     """The pretrained base (eval mode), its head's name and the checkpoint's sha256."""
     ckpt = read_base_checkpoint(recipe.model.checkpoint)
     model = build_model(recipe.model, data.input_shape[0], data.num_source_classes)
@@ -81,29 +109,47 @@ def ensure_base_model(recipe: Recipe, data: DataBundle, progress: bool = True, e
     return load_base_model(recipe, data, echo)
 
 
-def original_model(base: nn.Module, head_name: str, data: DataBundle) -> nn.Module:
+def original_model(base: nn.Module, head_name: str, data: Shapes) -> nn.Module:
     """The method-free architecture the target uses: the base, with the head grown for new classes."""
     original = copy.deepcopy(base)
     extend_head(original, head_name, data.num_classes)
     return original.eval()
 
 
-def build_adapted(method_cfg: MethodSettings, base: nn.Module, head_name: str,
-                  data: DataBundle) -> tuple[nn.Module, AdaptationMethod]:
+def build_adapted(method_cfg: MethodSettings, base: nn.Module, head_name: str, data: Shapes,
+                  for_training: bool = True) -> tuple[nn.Module, AdaptationMethod]:
+    """The original model with the method injected. `for_training`: refuse a method that would train
+    more parameters than full fine-tuning does (an adapter bigger than the model it adapts); loading
+    an adapter that exists already does not ask."""
     model = original_model(base, head_name, data)
+    total = count_params(model)
     method = get_method(method_cfg)
     new_classes = data.num_classes > data.num_source_classes
     method.inject(model, head_name, train_head=method_cfg.train_head or new_classes)
+    if for_training:
+        trainable = sum(p.numel() for _, p in method.trainable_parameters(model))
+        if trainable > total:
+            hint = "; lower method.rank" if "rank" in type(method_cfg).model_fields else ""
+            raise EdgetoolError(f"method '{method.name}' would train {trainable} parameters, more than full fine-tuning "
+                                f"({total}, every parameter of the model){hint} or use method 'full'")
     return model, method
 
 
-def check_model_io(model: nn.Module, data: DataBundle) -> None:
-    x = torch.from_numpy(data.target_test.X[:2])
+def check_io(model: nn.Module, X, num_classes: int) -> None:
+    """The model takes windows shaped like X[0] and outputs `num_classes` scores; else one line, exit 2."""
+    x = torch.from_numpy(X[:2])
+    was_training = model.training
     try:
         with torch.no_grad():
             out = model.eval()(x)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
+    except Exception as exc:  # a shape error raises RuntimeError, ValueError or user code's own type
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise EdgetoolError(f"the model does not accept inputs shaped {tuple(x.shape[1:])}: {first}") from None
-    if out.shape != (len(x), data.num_classes):
-        raise EdgetoolError(f"the model outputs {tuple(out.shape[1:])}, expected ({data.num_classes},) class scores")
+    finally:
+        model.train(was_training)
+    if tuple(out.shape) != (len(x), num_classes):
+        raise EdgetoolError(f"the model outputs {tuple(out.shape[1:])}, expected ({num_classes},) class scores")
+
+
+def check_model_io(model: nn.Module, data: DataBundle) -> None:
+    check_io(model, data.target_test.X, data.num_classes)

@@ -57,19 +57,21 @@ def echo(msg: str) -> None:
 def main() -> None:
     """Adapt CNNs with TT-LoRA, fuse to dense convs, export ONNX/TensorRT FP16 and prove parity.
 
-    Pipeline: pretrain (automatic) -> adapt -> fuse-export -> verify."""
+    Pipeline: pretrain (automatic) -> adapt -> fuse-export -> verify. `apply` makes a run directory
+    from an adapter trained elsewhere."""
 
 
 @main.command("pretrain")
 @RECIPE
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--force", is_flag=True, help="Replace an existing model.checkpoint (adapters trained on it stop applying).")
 @reports_errors
-def pretrain_cmd(recipe: Path, quiet: bool) -> None:
+def pretrain_cmd(recipe: Path, quiet: bool, force: bool) -> None:
     """Train the base model on the recipe's source domain and write model.checkpoint."""
     from .recipe import load_recipe
     from .stages.adapt import pretrain
 
-    pretrain(load_recipe(recipe), progress=not quiet, echo=echo)
+    pretrain(load_recipe(recipe), progress=not quiet, echo=echo, force=force)
 
 
 @main.command("adapt")
@@ -93,17 +95,40 @@ def adapt_cmd(recipe: Path, out: Path | None, steps: int | None, quiet: bool) ->
     adapt(r, out, progress=not quiet, echo=echo)
 
 
+INPUTS = click.option("--inputs", type=click.Path(path_type=Path),
+                      help="An .npz whose X holds input windows [N, ...] as the model takes them: checked on as well, "
+                           "and instead of the data when the run's data files are not here.")
+
+
 @main.command("fuse-export")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), help="Output directory (default: engines/<run name>).")
+@INPUTS
 @reports_errors
-def fuse_export_cmd(run_dir: Path, out: Path | None) -> None:
+def fuse_export_cmd(run_dir: Path, out: Path | None, inputs: Path | None) -> None:
     """Fuse the run's adapter into dense convs, prove equivalence, export original/fused ONNX (FP32 + FP16).
 
     Exit 0: every check passed; 1: a check failed (report in <out>.failed-report.json); 2: bad input."""
     from .stages.fuse_export import fuse_export
 
-    fuse_export(run_dir, out, echo=echo)
+    fuse_export(run_dir, out, echo=echo, inputs=inputs)
+
+
+@main.command("apply")
+@click.argument("adapter", type=click.Path(path_type=Path))
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), required=True,
+              help="Recipe for the model, data and fuse/verify settings (the adapter's method settings win).")
+@click.option("--base", type=click.Path(path_type=Path), help="Base checkpoint (default: the recipe's model.checkpoint).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run directory to write.")
+@reports_errors
+def apply_cmd(adapter: Path, recipe_path: Path, base: Path | None, out: Path) -> None:
+    """Make a run directory from an adapter.pt trained anywhere; `edgetool fuse-export OUT` then fuses it.
+
+    The base must be the checkpoint the adapter was trained on (its sha256 is recorded): else exit 2."""
+    from .recipe import load_recipe
+    from .stages.apply import apply
+
+    apply(adapter, load_recipe(recipe_path), out, base=base, echo=echo)
 
 
 @main.command("verify")
@@ -117,15 +142,19 @@ def fuse_export_cmd(run_dir: Path, out: Path | None) -> None:
               help=f"How TensorRT builds the engines (default {STRONGLY_TYPED}: *.fp16.onnx as a strongly typed "
                    "network, the graph ONNX Runtime checked; weak-fp16-flag: the FP32 graph with the FP16 builder "
                    "flag, for TensorRT 8.6 / `trtexec --fp16` deployments; not on TensorRT 11).")
+@click.option("--inputs", type=click.Path(path_type=Path),
+              help="When the run's data files are not here: an .npz whose X holds windows to check on (besides "
+                   "seeded random ones).")
 @reports_errors
-def verify_cmd(engine_dir: Path, engine: str, iterations: int | None, warmup: int | None, trt_build: str | None) -> None:
+def verify_cmd(engine_dir: Path, engine: str, iterations: int | None, warmup: int | None, trt_build: str | None,
+               inputs: Path | None) -> None:
     """Prove the fused engine matches the fused PyTorch model (accuracy) and the original engine (latency).
 
     Writes ENGINE_DIR/verify_report.json and verify_junit.xml. Exit 0 pass, 1 a parity check failed,
     2 bad input or environment (e.g. TensorRT not installed)."""
     from .stages.verify import verify
 
-    verify(engine_dir, engine, echo=echo, iterations=iterations, warmup=warmup, trt_build=trt_build)
+    verify(engine_dir, engine, echo=echo, iterations=iterations, warmup=warmup, trt_build=trt_build, inputs=inputs)
 
 
 @main.command("bench")

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .artifacts import atomic_dir, atomic_write_bytes, atomic_write_json, check_output_dir, read_json, sha256_file
+from .artifacts import (atomic_dir, atomic_write_bytes, atomic_write_json, check_output_dir, claimed_output,
+                        default_output, read_json, sha256_file)
 from .errors import EdgetoolError
 from .rundir import ADAPTER_FILE
 
@@ -48,10 +49,20 @@ def failed_report_path(out: Path) -> Path:
     return out.with_name(f"{out.name}.failed-report.json")
 
 
+def _export_dir(run_dir: Path, out: Path | None) -> Path:
+    return Path(out) if out is not None else default_output("engines", run_dir.name, "the run directory's name")
+
+
 def check_export_dir(run_dir: Path, out: Path | None) -> Path:
     """The directory fuse-export will write (default engines/<run name>), checked before any work."""
-    out = Path(out) if out is not None else Path("engines") / run_dir.name
-    return check_output_dir(out, (FUSE_REPORT,), WHAT, (("run directory", run_dir),))
+    return check_output_dir(_export_dir(run_dir, out), (FUSE_REPORT,), WHAT, (("run directory", run_dir),))
+
+
+@contextlib.contextmanager
+def claimed_export_dir(run_dir: Path, out: Path | None) -> Iterator[Path]:
+    """check_export_dir, holding the output's lock for the block (one writer per engine directory)."""
+    with claimed_output(_export_dir(run_dir, out), (FUSE_REPORT,), WHAT, (("run directory", run_dir),)) as path:
+        yield path
 
 
 @contextlib.contextmanager
@@ -126,6 +137,10 @@ def read_engine_dir(engine_dir: Path | str) -> EngineDir:
         raise EdgetoolError(f"{report_path} is malformed ({exc}); rerun `edgetool fuse-export`") from None
     if not run_dir.is_absolute():
         run_dir = (engine_dir / run_dir).resolve()
+        # The engine directory moved without its run: the absolute path recorded at export, if it is still there.
+        fallback = Path(rep.get("run_dir_absolute") or run_dir)
+        if not run_dir.is_dir() and fallback.is_dir():
+            run_dir = fallback
     if not run_dir.is_dir():
         raise EdgetoolError(f"the run directory ENGINE_DIR was exported from, {run_dir} (recorded in {report_path}), "
                             "no longer exists; rerun `edgetool fuse-export RUN_DIR` on the run where it is now")

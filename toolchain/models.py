@@ -184,6 +184,8 @@ def save_base_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any]) -> 
 
 def read_base_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise EdgetoolError(f"base checkpoint {path} is a directory, not a checkpoint file (recipe field 'model.checkpoint')")
     if not path.is_file():
         raise EdgetoolError(f"base checkpoint not found: {path}")
     try:

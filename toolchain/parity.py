@@ -41,9 +41,9 @@ class Check:
 class AccuracyResult:
     precision: str
     argmax_agreement: float
-    f1_torch: float
-    f1_engine: float
-    f1_delta: float
+    f1_torch: float | None  # None: no labels (the run's data is not available)
+    f1_engine: float | None
+    f1_delta: float | None
     max_abs_error: float
     max_rel_error: float
     mean_abs_error: float
@@ -75,21 +75,26 @@ def compare_outputs(engine_out: np.ndarray, reference: np.ndarray, atol: float, 
             "max_rel_error": float(result.max_reldiff), "mean_abs_error": float(result.mean_absdiff)}
 
 
-def accuracy_parity(engine_out: np.ndarray, torch_out: np.ndarray, y: np.ndarray, precision: str,
+def accuracy_parity(engine_out: np.ndarray, torch_out: np.ndarray, y: np.ndarray | None, precision: str,
                     cfg: VerifyConfig) -> tuple[AccuracyResult, list[Check]]:
+    """Without labels (y None) there is no F1: the f1_delta check is left out, not passed."""
     tol = tolerances(cfg, precision)
     pred_e, pred_t = engine_out.argmax(axis=1), torch_out.argmax(axis=1)
     agreement = float(np.mean(pred_e == pred_t))
-    f1_e, f1_t = macro_f1(y, pred_e), macro_f1(y, pred_t)
+    f1_e, f1_t = (None, None) if y is None else (macro_f1(y, pred_e), macro_f1(y, pred_t))
     cmp = compare_outputs(engine_out, torch_out, tol["atol"], tol["rtol"])
-    res = AccuracyResult(precision, agreement, f1_t, f1_e, abs(f1_e - f1_t), cmp["max_abs_error"], cmp["max_rel_error"],
-                         cmp["mean_abs_error"], tol["atol"], tol["rtol"], cmp["passed"])
-    n = len(y)
+    res = AccuracyResult(precision, agreement, f1_t, f1_e, None if y is None else abs(f1_e - f1_t), cmp["max_abs_error"],
+                         cmp["max_rel_error"], cmp["mean_abs_error"], tol["atol"], tol["rtol"], cmp["passed"])
+    n = len(pred_e)
     checks = [
         Check(f"accuracy.{precision}.argmax_agreement", agreement >= tol["min_agreement"],
               f"argmax agreement {agreement:.4f} ({int(round(agreement * n))}/{n}), required >= {tol['min_agreement']:g}"),
-        Check(f"accuracy.{precision}.f1_delta", res.f1_delta <= tol["max_f1_delta"] + 1e-12,
-              f"macro-F1 engine {f1_e:.4f} vs PyTorch {f1_t:.4f} (|delta| {res.f1_delta:.4f}), allowed {tol['max_f1_delta']:g}"),
+    ]
+    if y is not None:
+        checks.append(Check(f"accuracy.{precision}.f1_delta", res.f1_delta <= tol["max_f1_delta"] + 1e-12,
+                            f"macro-F1 engine {f1_e:.4f} vs PyTorch {f1_t:.4f} (|delta| {res.f1_delta:.4f}), "
+                            f"allowed {tol['max_f1_delta']:g}"))
+    checks += [
         Check(f"accuracy.{precision}.output_error", cmp["passed"],
               f"max |engine - PyTorch| {cmp['max_abs_error']:.3g} (max rel {cmp['max_rel_error']:.3g}); Polygraphy "
               f"elementwise check atol {tol['atol']:g}, rtol {tol['rtol']:g}"),

@@ -14,7 +14,9 @@ from .methods.settings import DEFAULT_METHOD, MethodConfig, TTLoRASettings, meth
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN passes no comparison, so without allow_inf_nan=False `lr: .nan` would be reported as "should be
+    # greater than 0"; every figure in a recipe must be a finite number.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ShiftConfig(_Strict):
@@ -205,7 +207,7 @@ class Recipe(_Strict):
         return {**v, "name": DEFAULT_METHOD} if isinstance(v, dict) and "name" not in v else v
 
     def resolved_dict(self) -> dict[str, Any]:
-        """Everything with defaults filled in and absolute paths: what a run directory records."""
+        """Everything with defaults filled in and absolute paths (a run directory records them relative to itself)."""
         return self.model_dump(mode="json", exclude={"source"})
 
 
@@ -222,6 +224,8 @@ def format_validation_error(exc: ValidationError, where: str) -> str:
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
+    elif err["type"] == "finite_number":
+        msg = f"must be a finite number, got {err.get('input')!r}"
     elif err["type"] == "union_tag_invalid":
         loc += ".name"
         msg = f"unknown method {err['ctx']['tag']!r} (known: {', '.join(method_names())})"

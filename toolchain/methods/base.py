@@ -91,6 +91,8 @@ class AdaptationMethod:
 
     def __init__(self, cfg: MethodSettings):
         self.cfg = cfg
+        # One-line remarks from inject (e.g. a rank capped per layer) for the stages to print.
+        self.notes: list[str] = []
 
     @property
     def name(self) -> str:
@@ -112,6 +114,17 @@ class AdaptationMethod:
 
     def _inject(self, model: nn.Module, head_name: str | None) -> None:
         raise NotImplementedError
+
+    def note_rank_caps(self, used: dict[str, int]) -> None:
+        """Say where the recipe's rank is more than a layer can use: `used` maps each adapted layer to the
+        rank it got. A larger rank would only add parameters that reach nothing new, so it is capped."""
+        requested = self.cfg.rank
+        capped = [(n, r) for n, r in used.items() if r < requested]
+        if not capped:
+            return
+        listed = ", ".join(f"{n} -> {r}" for n, r in capped[:6]) + (f", ... ({len(capped)} in all)" if len(capped) > 6 else "")
+        self.notes.append(f"method.rank {requested} is more than {len(capped)} of {len(used)} adapted layer(s) can use; "
+                          f"capped (layer -> rank used): {listed}")
 
     def wrap_convs(self, model: nn.Module, make_layer, head_name: str | None = None) -> list[str]:
         names = select_convs(model, self.cfg.layers, exclude={head_name} if head_name else set())

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .base import AdaptationMethod, conv_forward
-from .lora import LoRAConv
+from .lora import LoRAConv, group_rank
 
 
 def channel_norm(weight: torch.Tensor) -> torch.Tensor:
@@ -66,4 +66,5 @@ class DoRA(AdaptationMethod):
     description = "DoRA on convs: LoRA direction (A, B) plus a trainable per-output-channel magnitude"
 
     def _inject(self, model: nn.Module, head_name: str | None) -> None:
-        self.wrap_convs(model, lambda conv: DoRAConv(conv, self.cfg.rank, self.cfg.alpha), head_name)
+        names = self.wrap_convs(model, lambda conv: DoRAConv(conv, self.cfg.rank, self.cfg.alpha), head_name)
+        self.note_rank_caps({n: group_rank(model.get_submodule(n).base, self.cfg.rank) for n in names})

@@ -36,6 +36,10 @@ if TYPE_CHECKING:
     from ..recipe import OptimConfig
 
 
+def _matrix_shape(weight: torch.Tensor) -> tuple[int, int]:
+    return weight.shape[0], weight[0].numel()
+
+
 def orthogonal_basis(matrix: torch.Tensor, rank: int) -> tuple[str, torch.Tensor]:
     """('right', top-r rows of Vh) when rows >= cols, else ('left', top-r columns of U): the smaller side."""
     U, _, Vh = torch.linalg.svd(matrix.float(), full_matrices=False)
@@ -122,9 +126,11 @@ class GaLore(AdaptationMethod):
     description = "GaLore: full-rank weights, conv gradients projected to rank r (SVD refreshed every update_proj_gap steps)"
 
     def _inject(self, model: nn.Module, head_name: str | None) -> None:
-        select_convs(model, self.cfg.layers, exclude={head_name} if head_name else set())  # fails early on a bad selection
+        names = select_convs(model, self.cfg.layers, exclude={head_name} if head_name else set())  # fails early on a bad selection
         for p in model.parameters():
             p.requires_grad_(True)
+        # The projection's rank is at most the gradient matrix's smaller side (orthogonal_basis keeps that many).
+        self.note_rank_caps({n: min(self.cfg.rank, *_matrix_shape(model.get_submodule(n).weight)) for n in names})
 
     def projected_parameter_names(self, model: nn.Module) -> list[str]:
         """Trainable conv weights whose gradients are projected (the rest train unprojected)."""

@@ -83,4 +83,5 @@ class LoRA(AdaptationMethod):
     description = "LoRA on convs: trainable A (kernel-shaped, C_in->r) and B (1x1, r->C_out) per group"
 
     def _inject(self, model: nn.Module, head_name: str | None) -> None:
-        self.wrap_convs(model, lambda conv: LoRAConv(conv, self.cfg.rank, self.cfg.alpha), head_name)
+        names = self.wrap_convs(model, lambda conv: LoRAConv(conv, self.cfg.rank, self.cfg.alpha), head_name)
+        self.note_rank_caps({n: group_rank(model.get_submodule(n).base, self.cfg.rank) for n in names})

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 class MethodSettings(BaseModel):
     """Fields every method has."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # as recipe._Strict
     implementation: ClassVar[str]  # "module:Class" under toolchain.methods
 
     name: str

@@ -50,6 +50,7 @@ class TTLoRAConv(AdapterLayer):
         dtype = base.weight.dtype
         # G1 re-initialised to zero: the adapter starts inactive (the SVD's U is discarded).
         self.g1 = nn.Parameter(torch.zeros(cores[0].shape[1], cores[0].shape[2], dtype=dtype))
+        self.tt_ranks = [c.shape[2] for c in cores[:-1]]  # what tt_svd kept of `rank` at each bond
         self.n_frozen = len(cores) - 1
         for i, core in enumerate(cores[1:], start=2):
             self.register_buffer(f"g{i}", core.to(dtype))
@@ -77,4 +78,5 @@ class TTLoRA(AdaptationMethod):
     description = "TT-LoRA (LoRA-Edge): train the output-side TT core G1 of each conv kernel"
 
     def _inject(self, model: nn.Module, head_name: str | None) -> None:
-        self.wrap_convs(model, lambda conv: TTLoRAConv(conv, self.cfg.rank), head_name)
+        names = self.wrap_convs(model, lambda conv: TTLoRAConv(conv, self.cfg.rank), head_name)
+        self.note_rank_caps({n: max(model.get_submodule(n).tt_ranks) for n in names})

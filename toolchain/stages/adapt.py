@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import check_output_dir
+from ..artifacts import claimed_output, default_output, remove_stale_temps
 from ..basemodel import build_adapted, check_model_io, ensure_base_model, original_model, train_base
 from ..data import DataBundle, load_data
+from ..errors import EdgetoolError
 from ..methods.settings import MethodSettings
 from ..metrics import evaluate
 from ..models import count_params
@@ -21,10 +22,27 @@ def _log(echo, msg: str) -> None:
         echo(msg)
 
 
-def pretrain(recipe: Recipe, data: DataBundle | None = None, progress: bool = True, echo=print) -> dict[str, Any]:
-    """Train the base model on the source domain and write `recipe.model.checkpoint`."""
+def _notes(echo, notes: list[str]) -> None:
+    for note in notes:
+        _log(echo, f"note: {note}")
+
+
+def pretrain(recipe: Recipe, data: DataBundle | None = None, progress: bool = True, echo=print,
+             force: bool = False) -> dict[str, Any]:
+    """Train the base model on the source domain and write `recipe.model.checkpoint`. An existing
+    checkpoint is replaced only with `force`: every adapter trained on it records its sha256 and would
+    no longer apply."""
     check_inputs_exist(recipe)
-    return train_base(recipe, data or load_data(recipe.data, recipe.seed), progress=progress, echo=echo)
+    ckpt = recipe.model.checkpoint
+    if ckpt.is_dir():
+        raise EdgetoolError(f"recipe field 'model.checkpoint': {ckpt} is a directory; name the checkpoint file to write")
+    if ckpt.exists() and not force:
+        raise EdgetoolError(f"base checkpoint {ckpt} exists; pretraining again would replace it and every adapter "
+                            "trained on it would stop applying (they record its sha256); pass --force to replace it")
+    remove_stale_temps(ckpt)  # a checkpoint write killed mid-way
+    data = data or load_data(recipe.data, recipe.seed)
+    _notes(echo, data.notes)
+    return train_base(recipe, data, progress=progress, echo=echo)
 
 
 def adapt(recipe: Recipe, out_dir: Path | None = None, progress: bool = True, echo=print,
@@ -32,12 +50,18 @@ def adapt(recipe: Recipe, out_dir: Path | None = None, progress: bool = True, ec
     """Zero-shot evaluation, fine-tuning on the target train split, evaluation again; writes a run dir."""
     check_inputs_exist(recipe)
     method_cfg = method_cfg or recipe.method
-    out_dir = Path(out_dir) if out_dir is not None else Path("runs") / recipe.name
-    check_output_dir(out_dir, RUN_FILES, WHAT, (("model.checkpoint", recipe.model.checkpoint),))
+    out_dir = Path(out_dir) if out_dir is not None else default_output("runs", recipe.name)
+    with claimed_output(out_dir, RUN_FILES, WHAT, (("model.checkpoint", recipe.model.checkpoint),)):
+        return _adapt(recipe, out_dir, progress, echo, method_cfg)
+
+
+def _adapt(recipe: Recipe, out_dir: Path, progress: bool, echo, method_cfg: MethodSettings) -> Path:
     data = load_data(recipe.data, recipe.seed)
+    _notes(echo, data.notes)
     base, head_name, base_sha = ensure_base_model(recipe, data, progress, echo)
     seed_everything(recipe.seed)  # methods with random initialisation (LoRA's A) start the same every run
     model, method = build_adapted(method_cfg, base, head_name, data)
+    _notes(echo, method.notes)
     check_model_io(model, data)
 
     f1_before, acc_before = evaluate(model, data.target_test)
@@ -48,13 +72,21 @@ def adapt(recipe: Recipe, out_dir: Path | None = None, progress: bool = True, ec
     result = fit(model, method, data.target_train, recipe.train, recipe.seed, eval_split=data.target_test,
                  desc=f"adapt[{method.name}]", progress=progress)
     f1_after, acc_after = evaluate(model, data.target_test)
-    payload = adapter_payload(method, model, head_name, data, recipe.model.checkpoint, base_sha)
+    warnings = []
+    if f1_after < f1_before:
+        warnings.append(f"adaptation lowered target macro-F1 from {f1_before:.3f} to {f1_after:.3f} (accuracy "
+                        f"{acc_before:.3f} -> {acc_after:.3f}): the adapted model is worse than the base on the target "
+                        "test split; check the learning rate, steps and shots before shipping it")
+    payload = adapter_payload(method, model, head_name, data, recipe, base_sha)
     metrics = {
         "method": method.name,
         "f1_before": f1_before,
         "f1_after": f1_after,
         "accuracy_before": acc_before,
         "accuracy_after": acc_after,
+        "f1_decreased": f1_after < f1_before,
+        "warnings": warnings,
+        "notes": data.notes + method.notes,
         "trainable_params": trainable,
         "total_params": total,
         "trainable_pct": 100.0 * trainable / total,
@@ -67,10 +99,13 @@ def adapt(recipe: Recipe, out_dir: Path | None = None, progress: bool = True, ec
         "adapter_params": sum(t.numel() for t in payload["state"].values()),
         "target_train_windows": len(data.target_train),
         "target_test_windows": len(data.target_test),
+        "protocol": data.protocol_record(),
         "curve": result.curve_rows(),
     }
     size = write_run(out_dir, recipe, method_cfg, payload, metrics, [(p.step, p.f1) for p in result.curve])
     _log(echo, f"target macro-F1 {f1_before:.3f} -> {f1_after:.3f} (accuracy {acc_before:.3f} -> {acc_after:.3f}), "
                f"steps to F1>={recipe.train.target_f1:g}: {result.steps_to_target}, {result.train_seconds:.1f} s; "
                f"adapter {size} bytes -> {out_dir}")
+    for warning in warnings:
+        _log(echo, f"warning: {warning}")
     return Path(out_dir)

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from torch import nn
 from tqdm import tqdm
 
-from ..artifacts import atomic_dir, atomic_write_json, atomic_write_text, check_output_dir
+from ..artifacts import atomic_dir, atomic_write_json, atomic_write_text, claimed_output, default_output
 from ..basemodel import build_adapted, check_model_io, ensure_base_model, original_model
 from ..benchreport import MEASUREMENT, mean_std, markdown_table, summarise
 from ..data import DataBundle, load_data
@@ -127,9 +127,14 @@ def run_bench(recipe: Recipe, methods: list[str] | None = None, seeds: int | Non
     if n_seeds <= 0:
         raise EdgetoolError(f"--seeds must be a positive number of seeds, got {n_seeds}")
     configs = method_configs(recipe, methods)
-    out_dir = Path(out_dir) if out_dir is not None else Path("runs") / "bench" / recipe.name
-    check_output_dir(out_dir, BENCH_FILES, "an edgetool bench directory", (("model.checkpoint", recipe.model.checkpoint),))
+    out_dir = Path(out_dir) if out_dir is not None else default_output(Path("runs") / "bench", recipe.name)
+    with claimed_output(out_dir, BENCH_FILES, "an edgetool bench directory",
+                        (("model.checkpoint", recipe.model.checkpoint),)):
+        return _run_bench(recipe, methods, n_seeds, configs, out_dir, progress, echo)
 
+
+def _run_bench(recipe: Recipe, methods: list[str], n_seeds: int, configs: dict[str, tuple[MethodSettings, OptimConfig]],
+               out_dir: Path, progress: bool, echo) -> Path:
     base_data = load_data(recipe.data, recipe.seed)
     base, head_name, _ = ensure_base_model(recipe, base_data, progress, echo)
     original = original_model(base, head_name, base_data)
@@ -137,8 +142,10 @@ def run_bench(recipe: Recipe, methods: list[str] | None = None, seeds: int | Non
     total = count_params(original)
     # Inject every method once before any training: one that does not fit this model (a layer selection
     # matching no conv, a linear adapter on grouped convs only) fails now, not after the others have run.
-    for mcfg, _ in configs.values():
-        build_adapted(mcfg, base, head_name, base_data)
+    for name, (mcfg, _) in configs.items():
+        for note in build_adapted(mcfg, base, head_name, base_data)[1].notes:
+            if echo is not None:
+                echo(f"note: {name}: {note}")
 
     seed_values = [recipe.seed + i for i in range(n_seeds)]
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}

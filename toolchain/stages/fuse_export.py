@@ -4,6 +4,10 @@ one, export original and fused ONNX (FP32 + FP16) and prove the graphs have the 
 Writes an engine directory (toolchain.enginedir; default engines/<run name>/). A run whose checks fail
 writes no engine directory (an earlier export there is left untouched); its report goes to
 `<out>.failed-report.json` beside it, with `passed: false`, and the command exits 1.
+
+Without the run's data (its files are not on this machine), every check runs on seeded random windows
+plus the user's (`--inputs`); checks that need labels (F1) are reported as not run
+(toolchain.rundir.evaluation_inputs).
 """
 
 from __future__ import annotations
@@ -20,39 +24,47 @@ import torch
 from .. import export as ex
 from ..artifacts import atomic_write_json, sha256_file
 from ..backends.onnxruntime import run_onnx
-from ..enginedir import check_export_dir, failed_report_path, onnx_name, seal, writing
+from ..enginedir import claimed_export_dir, failed_report_path, onnx_name, seal, writing
 from ..errors import EdgetoolError, ParityError
 from ..fusion import FusionProof, prove_fusion
 from ..metrics import macro_f1, predict_logits
-from ..rundir import ADAPTER_FILE, AdaptedRun, load_run
+from ..rundir import ADAPTER_FILE, AdaptedRun, EvaluationInputs, evaluation_inputs, load_run, seeded_inputs
 
 
-def _seeded_inputs(n: int, shape: tuple[int, ...], seed: int) -> np.ndarray:
-    # Data is normalised per channel, so standard-normal windows are on the data's scale.
-    return np.random.default_rng([seed, 0xF05E]).standard_normal((n, *shape)).astype(np.float32)
+def _f1(y: np.ndarray | None, pred: np.ndarray) -> float | None:
+    return None if y is None else macro_f1(y, pred)
 
 
-def fuse_export(run_dir: Path | str, out: Path | str | None = None, echo=print) -> dict[str, Any]:
+def fuse_export(run_dir: Path | str, out: Path | str | None = None, echo=print,
+                inputs: Path | str | None = None) -> dict[str, Any]:
     """Fuse, check and export one run directory; returns the report. Raises ParityError (exit 1) when a
-    check fails, after writing the report to `<out>.failed-report.json`."""
+    check fails, after writing the report to `<out>.failed-report.json`. `inputs`: an .npz whose `X`
+    holds more windows to prove equivalence on (and to check on at all when the run's data is missing)."""
     run = load_run(run_dir, echo=echo)
     run_dir = run.path.resolve()
-    out = check_export_dir(run_dir, None if out is None else Path(out))
+    with claimed_export_dir(run_dir, None if out is None else Path(out)) as out:
+        return _fuse_export(run, run_dir, out, echo, inputs)
+
+
+def _fuse_export(run: AdaptedRun, run_dir: Path, out: Path, echo, inputs: Path | str | None) -> dict[str, Any]:
     cfg = run.recipe.fuse
     if cfg.opset > ex.MAX_OPSET:
         raise EdgetoolError(f"recipe field 'fuse.opset': {cfg.opset} is above what the exporter supports ({ex.MAX_OPSET})")
-
-    X_rand = _seeded_inputs(cfg.random_inputs, tuple(run.data.input_shape), run.recipe.seed)
-    proof = prove_fusion(run.method, run.adapted, run.original, np.concatenate([run.data.target_test.X, X_rand]),
+    ev = evaluation_inputs(run, inputs)
+    for note in ev.notes:
+        echo(f"note: {note}")
+    shape = tuple(run.spec.input_shape)
+    extra = [ev.extra] + ([seeded_inputs(cfg.random_inputs, shape, run.recipe.seed)] if ev.data_available else [])
+    proof = prove_fusion(run.method, run.adapted, run.original, np.concatenate([ev.X, *extra]),
                          cfg.atol, cfg.rtol, source=str(run_dir / ADAPTER_FILE))
-    report = _fusion_report(run, run_dir, proof)
+    report = _fusion_report(run, run_dir, out, proof, ev)
     failures = report["failures"]
     try:
         with writing(out) as tmp:
-            failures += _export_graphs(run, proof.fused, tmp, report)
-            ort_failures, fp32_outputs = _onnxruntime_parity(run, proof.fused, tmp, report)
+            failures += _export_graphs(run, proof.fused, tmp, report, ev)
+            ort_failures, fp32_outputs = _onnxruntime_parity(run, proof.fused, tmp, report, ev)
             failures += ort_failures
-            failures += _fp16_parity(run, tmp, report, fp32_outputs)
+            failures += _fp16_parity(run, tmp, report, fp32_outputs, ev)
             report["passed"] = not failures
             if failures:
                 raise _ChecksFailed()
@@ -76,29 +88,36 @@ class _ChecksFailed(Exception):
     """Internal: aborts the atomic output directory so a failed export leaves nothing that looks complete."""
 
 
-def _fusion_report(run: AdaptedRun, run_dir: Path, proof: FusionProof) -> dict[str, Any]:
+def _fusion_report(run: AdaptedRun, run_dir: Path, out: Path, proof: FusionProof, ev: EvaluationInputs) -> dict[str, Any]:
     cfg, eq = run.recipe.fuse, proof.equivalence
+    counts = dict(ev.counts)
+    if ev.data_available:
+        counts["random"] = int(cfg.random_inputs)
     return {
         "passed": False,
         "failures": list(proof.failures),
-        "run_dir": str(run_dir),
-        "recipe": str(run_dir / "recipe.yaml"),
+        # Relative to the engine directory, so the two can move together; the absolute path as a fallback.
+        "run_dir": os.path.relpath(run_dir, out),
+        "run_dir_absolute": str(run_dir),
+        "recipe": os.path.relpath(run_dir / "recipe.yaml", out),
         # verify refuses engines exported from an earlier adapter.pt (the run dir re-adapted since).
         "adapter_sha256": sha256_file(run_dir / ADAPTER_FILE),
         "method": run.method.name,
         "opset": cfg.opset,
         "input_name": ex.INPUT_NAME,
         "output_name": ex.OUTPUT_NAME,
-        "input_shape": list(run.data.input_shape),
+        "input_shape": list(run.spec.input_shape),
         "batch_axis": ex.BATCH_AXIS,
-        "class_names": run.data.class_names,
+        "class_names": list(run.spec.class_names),
         "exporter": ex.EXPORTER,
         "fp16_converter": ex.fp16_converter_name(),
         "architecture_identical": not proof.architecture_differences,
         "architecture_differences": proof.architecture_differences,
         "atol": cfg.atol,
         "rtol": cfg.rtol,
-        "equivalence_inputs": {"target_test": len(run.data.target_test), "random": int(cfg.random_inputs)},
+        "equivalence_inputs": counts,
+        "data_available": ev.data_available,
+        "notes": list(ev.notes),
         "max_abs_error": eq.max_abs_error,
         "max_rel_error": eq.max_rel_error,
         "output_scale": eq.scale,
@@ -108,11 +127,11 @@ def _fusion_report(run: AdaptedRun, run_dir: Path, proof: FusionProof) -> dict[s
     }
 
 
-def _export_graphs(run: AdaptedRun, fused, tmp: Path, report: dict[str, Any]) -> list[str]:
+def _export_graphs(run: AdaptedRun, fused, tmp: Path, report: dict[str, Any], test: EvaluationInputs) -> list[str]:
     """original.onnx and fused.onnx, and the proof that their graphs are identical."""
     failures: list[str] = []
     fail = failures.append
-    test, cfg = run.data.target_test, run.recipe.fuse
+    cfg = run.recipe.fuse
     sample = torch.from_numpy(test.X[:2])
     ex.export_onnx(run.original, sample, tmp / onnx_name("original", "fp32"), cfg.opset)
     ex.export_onnx(fused, sample, tmp / onnx_name("fused", "fp32"), cfg.opset)
@@ -127,33 +146,34 @@ def _export_graphs(run: AdaptedRun, fused, tmp: Path, report: dict[str, Any]) ->
     return failures
 
 
-def _onnxruntime_parity(run: AdaptedRun, fused, tmp: Path,
-                        report: dict[str, Any]) -> tuple[list[str], dict[str, np.ndarray]]:
-    """ONNX Runtime (CPU) against PyTorch on the target test split, for both graphs; also returns the
-    FP32 graphs' ONNX Runtime outputs, the reference of the FP16 checks."""
+def _onnxruntime_parity(run: AdaptedRun, fused, tmp: Path, report: dict[str, Any],
+                        test: EvaluationInputs) -> tuple[list[str], dict[str, np.ndarray]]:
+    """ONNX Runtime (CPU) against PyTorch on the target test split (or the stand-in windows), for both
+    graphs; also returns the FP32 graphs' ONNX Runtime outputs, the reference of the FP16 checks."""
     failures: list[str] = []
     fail = failures.append
-    test, cfg = run.data.target_test, run.recipe.fuse
+    cfg = run.recipe.fuse
     torch_fused = predict_logits(fused, test.X)
     torch_ref = predict_logits(run.original, test.X)
     ort_fused = run_onnx(tmp / onnx_name("fused", "fp32"), test.X)
     ort_ref = run_onnx(tmp / onnx_name("original", "fp32"), test.X)
     pred_torch, pred_ort = torch_fused.argmax(1), ort_fused.argmax(1)
     report.update(
-        torch_f1=macro_f1(test.y, pred_torch),
-        ort_f1=macro_f1(test.y, pred_ort),
+        torch_f1=_f1(test.y, pred_torch),
+        ort_f1=_f1(test.y, pred_ort),
         ort_max_abs_error=float(np.abs(ort_fused - torch_fused).max()),
         ort_predictions_identical=bool(np.array_equal(pred_torch, pred_ort)),
         original_ort_max_abs_error=float(np.abs(ort_ref - torch_ref).max()),
         original_ort_predictions_identical=bool(np.array_equal(torch_ref.argmax(1), ort_ref.argmax(1))),
-        original_f1=macro_f1(test.y, ort_ref.argmax(1)),
+        original_f1=_f1(test.y, ort_ref.argmax(1)),
     )
     if report["ort_max_abs_error"] > cfg.ort_atol:
         fail(f"fused.onnx on ONNX Runtime differs from PyTorch by {report['ort_max_abs_error']:.3g} "
              f"(fuse.ort_atol {cfg.ort_atol:g})")
     if not report["ort_predictions_identical"] or report["ort_f1"] != report["torch_f1"]:
         fail(f"fused.onnx on ONNX Runtime predicts differently from PyTorch "
-             f"(F1 {report['ort_f1']:.4f} vs {report['torch_f1']:.4f})")
+             f"(argmax agreement {np.mean(pred_torch == pred_ort):.2%}, F1 {_fmt(report['ort_f1'])} vs "
+             f"{_fmt(report['torch_f1'])})")
     if report["original_ort_max_abs_error"] > cfg.ort_atol or not report["original_ort_predictions_identical"]:
         fail(f"original.onnx on ONNX Runtime differs from the PyTorch base by "
              f"{report['original_ort_max_abs_error']:.3g} (fuse.ort_atol {cfg.ort_atol:g})")
@@ -161,15 +181,16 @@ def _onnxruntime_parity(run: AdaptedRun, fused, tmp: Path,
     return failures, {"fused": ort_fused, "original": ort_ref}
 
 
-def _fp16_parity(run: AdaptedRun, tmp: Path, report: dict[str, Any], fp32_outputs: dict[str, np.ndarray]) -> list[str]:
+def _fp16_parity(run: AdaptedRun, tmp: Path, report: dict[str, Any], fp32_outputs: dict[str, np.ndarray],
+                 test: EvaluationInputs) -> list[str]:
     """FP16 graphs (one precision plan for both) and their agreement with FP32 on ONNX Runtime."""
     ort_fused, ort_ref = fp32_outputs["fused"], fp32_outputs["original"]
     pred_ort = ort_fused.argmax(1)
     failures: list[str] = []
     fail = failures.append
-    test, cfg = run.data.target_test, run.recipe.fuse
+    cfg = run.recipe.fuse
     # FP16: one block list for both graphs (the union), so their structures stay comparable.
-    calib = np.concatenate([run.data.target_train.X, run.data.source_train.X])
+    calib = test.calibration
     unsafe = {}
     for name in ("original", "fused"):
         for node, why in ex.fp16_unsafe_nodes(tmp / onnx_name(name, "fp32"), calib).items():
@@ -184,7 +205,7 @@ def _fp16_parity(run: AdaptedRun, tmp: Path, report: dict[str, Any], fp32_output
     fp16_ref = run_onnx(ex.emulate_fp16_storage(tmp / onnx_name("original", "fp16")), test.X)
     ort16_fused = run_onnx(tmp / onnx_name("fused", "fp16"), test.X)
     ort16_ref = run_onnx(tmp / onnx_name("original", "fp16"), test.X)
-    fp16_f1 = macro_f1(test.y, fp16_fused.argmax(1))
+    fp16_f1 = _f1(test.y, fp16_fused.argmax(1))
     report.update(
         fp16_blocked_nodes=unsafe,
         fp16_weight_clamps=clamped,
@@ -195,21 +216,22 @@ def _fp16_parity(run: AdaptedRun, tmp: Path, report: dict[str, Any], fp32_output
         fp16_max_abs_error=float(np.abs(fp16_fused - ort_fused).max()),
         fp16_argmax_agreement=float(np.mean(fp16_fused.argmax(1) == pred_ort)),
         fp16_f1=fp16_f1,
-        fp16_f1_delta=fp16_f1 - report["ort_f1"],
+        fp16_f1_delta=None if fp16_f1 is None else fp16_f1 - report["ort_f1"],
         fp16_ort_argmax_agreement=float(np.mean(ort16_fused.argmax(1) == pred_ort)),
-        fp16_ort_f1=macro_f1(test.y, ort16_fused.argmax(1)),
+        fp16_ort_f1=_f1(test.y, ort16_fused.argmax(1)),
         fp16_ort_max_abs_error=float(np.abs(ort16_fused - ort_fused).max()),
         original_fp16_argmax_agreement=float(np.mean(fp16_ref.argmax(1) == ort_ref.argmax(1))),
-        original_fp16_f1=macro_f1(test.y, fp16_ref.argmax(1)),
+        original_fp16_f1=_f1(test.y, fp16_ref.argmax(1)),
         fp16_min_agreement=cfg.fp16_min_agreement,
     )
     if not report["fp16_finite"]:
-        fail("an FP16 graph produced non-finite outputs on the target test split")
+        fail("an FP16 graph produced non-finite outputs on the target test split" if test.y is not None
+             else "an FP16 graph produced non-finite outputs on the check windows")
     for which, agreement in (("fused", report["fp16_argmax_agreement"]),
                              ("fused (ONNX Runtime CPU)", report["fp16_ort_argmax_agreement"]),
                              ("original", report["original_fp16_argmax_agreement"])):
         if agreement < cfg.fp16_min_agreement:
-            fail(f"{which} FP16 graph agrees with FP32 on {agreement:.1%} of target test windows "
+            fail(f"{which} FP16 graph agrees with FP32 on {agreement:.1%} of {'target test' if test.y is not None else 'check'} windows "
                  f"(fuse.fp16_min_agreement {cfg.fp16_min_agreement:.1%})")
     if not fp16_graph.identical:
         fail(f"original.fp16.onnx and fused.fp16.onnx differ in structure: {fp16_graph.differences[0]}")
@@ -217,11 +239,17 @@ def _fp16_parity(run: AdaptedRun, tmp: Path, report: dict[str, Any], fp32_output
     return failures
 
 
+def _fmt(f1: float | None) -> str:
+    return "n/a (no labelled data)" if f1 is None else f"{f1:.4f}"
+
+
 def _summary(r: dict[str, Any], out: Path, ok: bool) -> str:
+    n = r["equivalence_inputs"]
+    on = " + ".join(f"{n[k]} {word}" for k, word in (("target_test", "test"), ("user", "given"), ("random", "random"))
+                    if n.get(k))
     lines = [
         f"fusion [{r['method']}]: max |adapted - fused| {r['max_abs_error']:.3g} (relative {r['max_rel_error']:.3g}), "
-        f"argmax agreement {r['argmax_agreement']:.2%} on {r['equivalence_inputs']['target_test']} test + "
-        f"{r['equivalence_inputs']['random']} random inputs; worst layer {r['worst_layer']}",
+        f"argmax agreement {r['argmax_agreement']:.2%} on {on or 'no'} inputs; worst layer {r['worst_layer']}",
         f"architecture: {'identical to the base' if r['architecture_identical'] else 'DIFFERS from the base'}",
     ]
     if "graph_identical" in r:
@@ -230,13 +258,17 @@ def _summary(r: dict[str, Any], out: Path, ok: bool) -> str:
                      f"{r['graph_initializers']} initializers, {r['batchnorm_nodes']} BatchNormalization)")
     if "ort_f1" in r:
         lines.append(f"ONNX Runtime CPU: max |ORT - torch| {r['ort_max_abs_error']:.3g}, predictions "
-                     f"{'identical' if r['ort_predictions_identical'] else 'DIFFER'}, F1 {r['ort_f1']:.4f} "
-                     f"(torch {r['torch_f1']:.4f}, original {r['original_f1']:.4f})")
+                     f"{'identical' if r['ort_predictions_identical'] else 'DIFFER'}, " +
+                     (f"F1 {r['ort_f1']:.4f} (torch {r['torch_f1']:.4f}, original {r['original_f1']:.4f})"
+                      if r["ort_f1"] is not None else "F1 n/a (no labelled data)"))
     if "fp16_f1" in r:
-        lines.append(f"FP16 (float16 storage): argmax agreement {r['fp16_argmax_agreement']:.2%}, F1 {r['fp16_f1']:.4f} "
-                     f"(delta {r['fp16_f1_delta']:+.4f}), max |FP16 - FP32| {r['fp16_max_abs_error']:.3g}; "
+        delta = "" if r["fp16_f1_delta"] is None else f" (delta {r['fp16_f1_delta']:+.4f})"
+        lines.append(f"FP16 (float16 storage): argmax agreement {r['fp16_argmax_agreement']:.2%}, F1 {_fmt(r['fp16_f1'])}"
+                     f"{delta}, max |FP16 - FP32| {r['fp16_max_abs_error']:.3g}; "
                      f"ORT CPU runs it: agreement {r['fp16_ort_argmax_agreement']:.2%}; "
                      f"{len(r['fp16_blocked_nodes'])} node(s) kept in FP32, "
                      f"original.fp16 vs fused.fp16 {'identical' if r['fp16_graph_identical'] else 'DIFFERENT'}")
+    if not r.get("data_available", True):
+        lines.append("the run's data is not here: F1 checks not run (no labels); every other check ran on the windows above")
     lines.append(f"{'PASSED' if ok else 'FAILED'} -> {out if ok else out.with_name(out.name + '.failed-report.json')}")
     return "\n".join(lines)

@@ -40,7 +40,7 @@ from ..fusion import fuse_model
 from ..parity import (AccuracyResult, BandDecision, Check, ControlNoise, accuracy_parity, control_noise, decide_band,
                       interleaved_timings, junit_xml, latency_checks, latency_input, latency_stats)
 from ..recipe import VerifyConfig
-from ..rundir import load_run
+from ..rundir import evaluation_inputs, load_run
 
 # One intra-op thread while timing eager PyTorch: its OpenMP pool spin-waits, and on a loaded machine a
 # multi-thread pool drowned the difference being measured. Both models get the same setting; restored after.
@@ -229,10 +229,12 @@ def _unfused_phase(adapted, fused, backend: Backend, ed: EngineDir, X: np.ndarra
 
 
 def verify(engine_dir: Path | str, engine: str = "auto", echo=print, iterations: int | None = None,
-           warmup: int | None = None, trt_build: str | None = None) -> dict[str, Any]:
+           warmup: int | None = None, trt_build: str | None = None,
+           inputs: Path | str | None = None) -> dict[str, Any]:
     """Run every check, write verify_report.json and verify_junit.xml, print a summary; returns the report.
     Raises ParityError (exit 1) naming the failed checks, EdgetoolError (exit 2) for bad input/environment.
-    `trt_build`: how TensorRT builds its engines (toolchain.backends.trtplan.BUILD_MODES)."""
+    `trt_build`: how TensorRT builds its engines (toolchain.backends.trtplan.BUILD_MODES). Without the run's
+    data, checks run on seeded random windows plus `inputs` (an .npz with `X`)."""
     t_start = time.perf_counter()
     engine_dir = Path(engine_dir)
     if engine_dir.is_dir():
@@ -248,7 +250,7 @@ def verify(engine_dir: Path | str, engine: str = "auto", echo=print, iterations:
     _log(echo, f"engine: {backend.name} ({selection})")
     _apply_trt_build(backend, trt_build, echo)
 
-    run = load_run(ed.run_dir)
+    run = load_run(ed.run_dir, echo=echo)
     cfg = run.recipe.verify.model_copy()
     if iterations is not None:
         cfg.iterations = iterations
@@ -257,7 +259,11 @@ def verify(engine_dir: Path | str, engine: str = "auto", echo=print, iterations:
     batch_sizes = tuple(sorted(set(cfg.batch_sizes)))
     if not batch_sizes or any(b <= 0 for b in batch_sizes):
         raise EdgetoolError(f"recipe field 'verify.batch_sizes' must list positive sizes, got {cfg.batch_sizes}")
-    test = run.data.target_test
+    test = evaluation_inputs(run, inputs if run.data is None else None)
+    for note in test.notes:
+        _log(echo, f"note: {note}")
+    if inputs is not None and run.data is not None:
+        _log(echo, "note: --inputs not used: the run's data is here, so the target test split is")
     if tuple(test.X.shape[1:]) != ed.input_shape:
         raise EdgetoolError(f"the run's target data is shaped {tuple(test.X.shape[1:])} but the engines expect "
                             f"{ed.input_shape}: ENGINE_DIR was exported from another run")
@@ -308,6 +314,8 @@ def verify(engine_dir: Path | str, engine: str = "auto", echo=print, iterations:
                    "warmup_seconds": cfg.warmup_seconds, "min_seconds": cfg.min_seconds,
                    "order": "round-robin original, fused, control (rotating each round); clock: see latency_clock"},
         "test_windows": len(test),
+        "data_available": test.data_available,
+        "inputs": test.counts,
         "changed_since_export": changed,
         "checks": [asdict(c) for c in checks],
         "engine_dir": str(ed.path.resolve()),
@@ -340,8 +348,9 @@ def summary(report: dict[str, Any], checks: list[Check], engine_dir: Path) -> st
             lines.append(f"structure {c.name.split('.')[1]}: {c.message}  {'PASS' if c.passed else 'FAIL'}")
     for p, a in report["accuracy"].items():
         ok = all(c.passed for c in checks if c.name.startswith(f"accuracy.{p}."))
-        lines.append(f"accuracy {p}: argmax agreement {a['argmax_agreement']:.3f}, macro-F1 PyTorch {a['f1_torch']:.3f} "
-                     f"engine {a['f1_engine']:.3f}, max |error| {a['max_abs_error']:.2g} (atol {a['atol']:g}, "
+        f1 = ("macro-F1 n/a (no labelled data)" if a["f1_torch"] is None
+              else f"macro-F1 PyTorch {a['f1_torch']:.3f} engine {a['f1_engine']:.3f}")
+        lines.append(f"accuracy {p}: argmax agreement {a['argmax_agreement']:.3f}, {f1}, max |error| {a['max_abs_error']:.2g} (atol {a['atol']:g}, "
                      f"rtol {a['rtol']:g})  {'PASS' if ok else 'FAIL'}")
     band = report["latency_band"]
     for c in checks:
