@@ -14,10 +14,12 @@ rm -rf "$VENV"
 "$PY" -m venv "$VENV"
 VPY=$VENV/bin/python
 PIP=("$VPY" -m pip install -q --disable-pip-version-check)
+# packaging parses the requirements in min_constraints.py (a fresh machine's python3 may lack it; the
+# floors' own dependencies pull it in anyway).
+"${PIP[@]}" "$TORCH_PIN" packaging
 constraints=$VENV/min-constraints.txt
-"$PY" scripts/min_constraints.py --extra onnxruntime --extra test --skip torch --skip peft --skip galore-torch >"$constraints"
+"$VPY" scripts/min_constraints.py --extra onnxruntime --extra test --skip torch --skip peft --skip galore-torch >"$constraints"
 echo "min-versions: $TORCH_PIN, then the declared floors:" $(cat "$constraints")
-"${PIP[@]}" "$TORCH_PIN"
 # The floors and torch together, so pip cannot move torch while resolving the floors' own dependencies.
 "${PIP[@]}" -r "$constraints" "$TORCH_PIN"
 "${PIP[@]}" --no-deps -e .
