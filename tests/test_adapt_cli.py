@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,9 @@ from toolchain.metrics import evaluate
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
-EDGETOOL = REPO / ".venv" / "bin" / "edgetool"
+# The console script of the environment running the tests (.venv for make test, .venv-min in the
+# minimum-versions job), not always .venv's.
+EDGETOOL = Path(sys.executable).parent / "edgetool"
 
 METRIC_FIELDS = ("f1_before", "f1_after", "accuracy_before", "accuracy_after", "trainable_params", "total_params",
                  "trainable_pct", "steps_to_target", "train_seconds", "peak_memory_bytes")
