@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from ..enginedir import EngineDir
 
 ONNXRUNTIME_MISSING = ("ONNX Runtime is not installed (neither 'onnxruntime' nor 'onnxruntime-gpu'): "
-                       "`pip install onnxruntime` (or onnxruntime-gpu on a GPU machine)")
+                       "`pip install \"edgetool[onnxruntime]\"`, or onnxruntime-gpu on a GPU machine or Jetson")
 
 
 def import_onnxruntime():
