@@ -13,6 +13,7 @@ from ..metrics import evaluate
 from ..models import count_params
 from ..recipe import Recipe, check_inputs_exist
 from ..rundir import RUN_FILES, WHAT, adapter_payload, write_run
+from ..device import training_device
 from ..train import fit, seed_everything
 
 
@@ -24,6 +25,7 @@ def _log(echo, msg: str) -> None:
 def pretrain(recipe: Recipe, data: DataBundle | None = None, progress: bool = True, echo=print) -> dict[str, Any]:
     """Train the base model on the source domain and write `recipe.model.checkpoint`."""
     check_inputs_exist(recipe)
+    training_device(recipe.pretrain.device, recipe.pretrain.precision, "pretrain")  # refuse before any work
     return train_base(recipe, data or load_data(recipe.data, recipe.seed), progress=progress, echo=echo)
 
 
@@ -31,6 +33,7 @@ def adapt(recipe: Recipe, out_dir: Path | None = None, progress: bool = True, ec
           method_cfg: MethodSettings | None = None) -> Path:
     """Zero-shot evaluation, fine-tuning on the target train split, evaluation again; writes a run dir."""
     check_inputs_exist(recipe)
+    device = training_device(recipe.train.device, recipe.train.precision, "train").device  # refuse before any work
     method_cfg = method_cfg or recipe.method
     out_dir = Path(out_dir) if out_dir is not None else Path("runs") / recipe.name
     check_output_dir(out_dir, RUN_FILES, WHAT, (("model.checkpoint", recipe.model.checkpoint),))
@@ -39,6 +42,7 @@ def adapt(recipe: Recipe, out_dir: Path | None = None, progress: bool = True, ec
     seed_everything(recipe.seed)  # methods with random initialisation (LoRA's A) start the same every run
     model, method = build_adapted(method_cfg, base, head_name, data)
     check_model_io(model, data)
+    model.to(device)
 
     f1_before, acc_before = evaluate(model, data.target_test)
     trainable = sum(p.numel() for _, p in method.trainable_parameters(model))
@@ -64,6 +68,9 @@ def adapt(recipe: Recipe, out_dir: Path | None = None, progress: bool = True, ec
         "train_seconds": result.train_seconds,
         "peak_memory_bytes": result.peak_memory_bytes,
         "peak_memory_breakdown": result.memory_breakdown,
+        "peak_memory_source": result.peak_memory_source,
+        "device": result.device,
+        "skipped_steps": result.skipped_steps,
         "adapter_params": sum(t.numel() for t in payload["state"].values()),
         "target_train_windows": len(data.target_train),
         "target_test_windows": len(data.target_test),
@@ -71,6 +78,7 @@ def adapt(recipe: Recipe, out_dir: Path | None = None, progress: bool = True, ec
     }
     size = write_run(out_dir, recipe, method_cfg, payload, metrics, [(p.step, p.f1) for p in result.curve])
     _log(echo, f"target macro-F1 {f1_before:.3f} -> {f1_after:.3f} (accuracy {acc_before:.3f} -> {acc_after:.3f}), "
-               f"steps to F1>={recipe.train.target_f1:g}: {result.steps_to_target}, {result.train_seconds:.1f} s; "
+               f"steps to F1>={recipe.train.target_f1:g}: {result.steps_to_target}, {result.train_seconds:.1f} s on "
+               f"{result.device['name']} ({result.device['precision']}); "
                f"adapter {size} bytes -> {out_dir}")
     return Path(out_dir)
