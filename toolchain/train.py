@@ -98,8 +98,8 @@ def fit(
     Peak memory is measured, not estimated, on the first step. On the CPU: bytes of all parameters and
     buffers + gradients + optimizer state (after the step, when Adam's moments exist) + tensors saved
     for backward. On CUDA: the allocator's peak during that step above what was allocated before it
-    (the resident training data, the model, leftovers), plus the model's own bytes, so both count the
-    same things, the CUDA figure also the allocator's workspaces and temporaries."""
+    (the resident training data, the model, leftovers), plus the model's own bytes: what the CPU
+    account counts, plus kernel workspaces and temporaries."""
     td = training_device(cfg.device, cfg.precision, where)
     seed_everything(seed)
     rng = np.random.default_rng([seed, 2024])
