@@ -56,12 +56,15 @@ Shapes = Union[DataBundle, ModelSpec]
 
 def base_fingerprint(recipe: Recipe) -> str:
     """What the base checkpoint depends on; a mismatch means it was pretrained for another recipe."""
-    parts = {k: recipe.resolved_dict()[k] for k in ("data", "pretrain", "seed")}
+    resolved = recipe.resolved_dict()
+    parts = {k: resolved[k] for k in ("data", "pretrain", "seed")}
     # Data files by name, not by absolute path: a run directory copied to another machine is the same run.
     for key in ("train_path", "test_path"):
         if parts["data"].get(key):
             parts["data"][key] = Path(parts["data"][key]).name
-    parts["model"] = {k: v for k, v in recipe.resolved_dict()["model"].items() if k != "checkpoint"}
+    # Where and in what precision the base trained is recorded in the checkpoint, not part of what it is.
+    parts["pretrain"] = {k: v for k, v in parts["pretrain"].items() if k not in ("device", "precision")}
+    parts["model"] = {k: v for k, v in resolved["model"].items() if k != "checkpoint"}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -75,17 +78,20 @@ def train_base(recipe: Recipe, data: DataBundle, progress: bool = True, echo=pri
     check_io(model, data.source_train.X[:2], data.num_source_classes)
     method = get_method(FullSettings(bn="stats"))
     method.inject(model)
-    result = fit(model, method, data.source_train, recipe.pretrain, recipe.seed, desc="pretrain", progress=progress)
+    result = fit(model, method, data.source_train, recipe.pretrain, recipe.seed, desc="pretrain", progress=progress,
+                 where="pretrain")
     f1, acc = evaluate(model, data.source_train)
     meta = {
         "class_names": data.class_names[: data.num_source_classes],
         "input_shape": list(data.input_shape),
         "fingerprint": base_fingerprint(recipe),
         "source_train_f1": f1,
+        "trained_on": result.device,
     }
     save_base_checkpoint(recipe.model.checkpoint, model, meta)
     _log(echo, f"pretrained {recipe.model.arch} on {len(data.source_train)} source windows: "
-               f"train macro-F1 {f1:.3f}, {result.train_seconds:.1f} s -> {recipe.model.checkpoint}")
+               f"train macro-F1 {f1:.3f}, {result.train_seconds:.1f} s on {result.device['name']} "
+               f"({result.device['precision']}) -> {recipe.model.checkpoint}")
     return {"checkpoint": str(recipe.model.checkpoint), "source_train_f1": f1, "source_train_accuracy": acc}
 
 

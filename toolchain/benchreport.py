@@ -19,9 +19,15 @@ MEASUREMENT = {
         "(Adam 13, AdamW 14, SGD-momentum 4 FLOPs per trainable element, +2 with L2 weight decay); GaLore's "
         "projection matmuls are counted, its periodic SVD is not"),
     "peak_memory_bytes": (
-        "measured on the first training step on CPU: bytes of parameters + buffers, gradients, optimizer state "
-        "(after the step) and tensors autograd saves for backward (saved_tensors_hooks), storages counted once"),
-    "wall_seconds_per_step": "median of timed training steps (after 2 warm-up) on a copy of the adapted model",
+        "measured on the first training step. CPU: bytes of parameters + buffers, gradients, optimizer state "
+        "(after the step) and tensors autograd saves for backward (saved_tensors_hooks), storages counted once. "
+        "CUDA: torch.cuda.max_memory_allocated during that step minus what was allocated before it, plus the "
+        "model's parameter and buffer bytes"),
+    "wall_seconds_per_step": ("median of timed training steps (after 2 warm-up) on a copy of the adapted model, on the "
+                              "training device in the training precision: CUDA events on a GPU, the host clock on CPU"),
+    "step_time_vs_full": ("wall_seconds_per_step_mean / full fine-tuning's, same device and precision, same run "
+                          "(meta.full_reference says whether full was a benched row or measured on its own)"),
+    "peak_memory_vs_full": "peak_memory_bytes_mean / full fine-tuning's, same device and precision, same run",
     "adapter_bytes": "len(torch.save(method.adapter_state(model)))",
     "zero_overhead": ("fuse-export's fusion proof (architecture, per-layer and end-to-end equivalence) passes and the "
                       "fused model exported to ONNX is structurally identical to the method-free original "
@@ -69,6 +75,13 @@ def summarise(name: str, runs: list[dict[str, Any]], once: dict[str, Any]) -> di
     return row
 
 
+def add_cost_ratios(rows: list[dict[str, Any]], reference: dict[str, Any]) -> None:
+    """Each row's step time and peak memory as a ratio to full fine-tuning's (`reference`)."""
+    for r in rows:
+        r["step_time_vs_full"] = r["wall_seconds_per_step_mean"] / reference["wall_seconds_per_step"]
+        r["peak_memory_vs_full"] = r["peak_memory_bytes_mean"] / reference["peak_memory_bytes"]
+
+
 def _pm(mean: float | None, std: float | None, fmt: str) -> str:
     if mean is None:
         return "—"
@@ -89,6 +102,14 @@ def _bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
+def _trained_on(meta: dict[str, Any]) -> str:
+    dev = meta.get("device") or {}
+    if not dev:
+        return ""
+    tf32 = ", TF32 on" if dev.get("tf32_in_effect") else ""
+    return f" Trained on {dev['name']} ({dev['type']}, {dev['precision']}{tf32}), torch {dev['torch']}."
+
+
 def markdown_table(result: dict[str, Any]) -> str:
     meta = result["meta"]
     n = len(meta["seeds"])
@@ -98,11 +119,12 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"{meta['scenario']}; backbone {meta['arch']} (width {meta['width']}, {meta['total_params']:,} parameters); "
         f"{meta['target_train_windows']} labelled target windows; {meta['steps']} steps per method, batch "
         f"{meta['batch_size']}; {n} seeds {meta['seeds']}; zero-shot target macro-F1 "
-        f"{_pm(meta['zero_shot_f1_mean'], meta['zero_shot_f1_std'], '.3f')}.",
+        f"{_pm(meta['zero_shot_f1_mean'], meta['zero_shot_f1_std'], '.3f')}.{_trained_on(meta)}",
         "",
         f"| method | macro-F1 | accuracy | trainable | % of model | FLOPs/step (fwd+bwd+opt) | peak train memory | "
-        f"steps to F1 ≥ {meta['target_f1']:g} (reached) | ms/step | adapter bytes | fused: zero overhead |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"steps to F1 ≥ {meta['target_f1']:g} (reached) | ms/step | step time vs full | memory vs full | adapter bytes "
+        f"| fused: zero overhead |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         steps = _pm(r["steps_to_target_mean"], r["steps_to_target_std"], ".0f") if r["steps_to_target_reached"] else "never"
@@ -116,13 +138,15 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"| {r['method']} | {_pm(r['f1_mean'], r['f1_std'], '.3f')} | {_pm(r['accuracy_mean'], r['accuracy_std'], '.3f')} "
             f"| {r['trainable_params']:,} | {r['trainable_pct']:.2f} % | {_si(r['flops_per_step'])}FLOP "
             f"| {_bytes(r['peak_memory_bytes_mean'])} | {steps} ({r['steps_to_target_reached']}/{n}) "
-            f"| {1000 * r['wall_seconds_per_step_mean']:.1f} | {r['adapter_bytes_mean']:,.0f} | {fused} |"
+            f"| {1000 * r['wall_seconds_per_step_mean']:.1f} | {r['step_time_vs_full']:.2f}× "
+            f"| {r['peak_memory_vs_full']:.2f}× | {r['adapter_bytes_mean']:,.0f} | {fused} |"
         )
     lines += [
         "",
         "Mean ± sample std over seeds. FLOPs: torch.utils.flop_counter (matmul/conv-type ops, forward + backward + "
         "optimizer) plus an estimate of the optimizer's elementwise update; peak memory: parameters + buffers, "
-        "gradients, optimizer state and tensors saved for backward, measured on the first step. "
-        "Steps to target: mean over the seeds that reached it.",
+        "gradients, optimizer state and tensors saved for backward, measured on the first step "
+        "(on CUDA: the allocator's peak). Ratios: to full fine-tuning on the same device and precision "
+        f"({meta['full_reference']['measured']}). Steps to target: mean over the seeds that reached it.",
     ]
     return "\n".join(lines) + "\n"

@@ -17,6 +17,30 @@ from .backends.trtplan import BUILD_MODES, STRONGLY_TYPED
 from .errors import EdgetoolError
 
 RECIPE = click.argument("recipe", type=click.Path(path_type=Path))
+DEVICE = click.option("--device", help="Train on auto (CUDA when usable), cpu, cuda or cuda:N (overrides the recipe's "
+                                       "train.device, and pretrain.device where the base is pretrained).")
+PRECISION = click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]),
+                         help="Training precision (overrides train.precision, and pretrain.precision where the base "
+                              "is pretrained); fp16/bf16 run the forward under autocast.")
+
+
+def load_with_device(recipe: Path, device: str | None, precision: str | None, sections=("pretrain", "train")):
+    """The recipe with --device / --precision applied to the training sections this command runs."""
+    from .device import check_precision, resolve_device
+    from .recipe import load_recipe
+
+    r = load_recipe(recipe)
+    if device is None and precision is None:
+        return r
+    # Checked here so a refusal names the option; the recipe's own values are checked by the stage.
+    main_cfg = getattr(r, sections[-1])
+    resolved = resolve_device(device or main_cfg.device, "--device" if device else f"{sections[-1]}.device")
+    check_precision(resolved, precision or main_cfg.precision, "--precision" if precision else f"{sections[-1]}.precision")
+    for section in sections:
+        cfg = getattr(r, section)
+        cfg.device = device or cfg.device
+        cfg.precision = precision or cfg.precision
+    return r
 
 
 def reports_errors(fn):
@@ -63,31 +87,34 @@ def main() -> None:
 
 @main.command("pretrain")
 @RECIPE
+@DEVICE
+@PRECISION
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--force", is_flag=True, help="Replace an existing model.checkpoint (adapters trained on it stop applying).")
 @reports_errors
-def pretrain_cmd(recipe: Path, quiet: bool, force: bool) -> None:
+def pretrain_cmd(recipe: Path, device: str | None, precision: str | None, quiet: bool, force: bool) -> None:
     """Train the base model on the recipe's source domain and write model.checkpoint."""
-    from .recipe import load_recipe
     from .stages.adapt import pretrain
 
-    pretrain(load_recipe(recipe), progress=not quiet, echo=echo, force=force)
+    pretrain(load_with_device(recipe, device, precision, ("pretrain",)), progress=not quiet, echo=echo, force=force)
 
 
 @main.command("adapt")
 @RECIPE
 @click.option("--out", type=click.Path(path_type=Path), help="Run directory (default: runs/<recipe name>).")
 @click.option("--steps", type=int, help="Override train.steps (e.g. for a quick check).")
+@DEVICE
+@PRECISION
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @reports_errors
-def adapt_cmd(recipe: Path, out: Path | None, steps: int | None, quiet: bool) -> None:
+def adapt_cmd(recipe: Path, out: Path | None, steps: int | None, device: str | None, precision: str | None,
+              quiet: bool) -> None:
     """Fine-tune on the target domain with the recipe's method; write a run directory.
 
     Pretrains the base first when model.checkpoint does not exist."""
-    from .recipe import load_recipe
     from .stages.adapt import adapt
 
-    r = load_recipe(recipe)
+    r = load_with_device(recipe, device, precision)
     if steps is not None:
         if steps <= 0:
             raise EdgetoolError("--steps must be positive")
@@ -163,18 +190,20 @@ def verify_cmd(engine_dir: Path, engine: str, iterations: int | None, warmup: in
                                 "e.g. full,head,bn,bias,lora,dora,galore,adapter,ttlora.")
 @click.option("--seeds", type=int, help="Number of seeds (default: bench.seeds); seed i uses recipe seed + i.")
 @click.option("--out", type=click.Path(path_type=Path), help="Output directory (default: runs/bench/<recipe name>).")
+@DEVICE
+@PRECISION
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @reports_errors
-def bench_cmd(recipe: Path, methods: str | None, seeds: int | None, out: Path | None, quiet: bool) -> None:
+def bench_cmd(recipe: Path, methods: str | None, seeds: int | None, out: Path | None, device: str | None,
+              precision: str | None, quiet: bool) -> None:
     """Compare adaptation methods on the recipe's protocol with equal step budgets over several seeds.
 
     Writes bench.json, bench.md and F1 plots (pretrains the base first when model.checkpoint is missing)."""
-    from .recipe import load_recipe
     from .stages.bench import parse_methods, run_bench
 
     if seeds is not None and seeds <= 0:
         raise EdgetoolError(f"--seeds must be a positive number of seeds, got {seeds}")
-    r = load_recipe(recipe)
+    r = load_with_device(recipe, device, precision)
     run_bench(r, parse_methods(methods, r.bench.methods), seeds, out, progress=not quiet, echo=echo)
 
 

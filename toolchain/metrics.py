@@ -23,11 +23,22 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(np.mean(scores)) if scores else 0.0
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's weights live (the CPU for a model without any)."""
+    first = next(iter(model.parameters()), None)
+    if first is None:
+        first = next(iter(model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, X: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Logits of `model` in fp32 on the device it lives on, batch by batch."""
     was_training = model.training
     model.eval()
-    out = [model(torch.from_numpy(X[i : i + batch_size])).float().numpy() for i in range(0, len(X), batch_size)]
+    device = model_device(model)
+    out = [model(torch.from_numpy(X[i : i + batch_size]).to(device)).float().cpu().numpy()
+           for i in range(0, len(X), batch_size)]
     model.train(was_training)
     return np.concatenate(out)
 

@@ -178,7 +178,9 @@ BASE_FORMAT = "edgetool-base/1"
 
 def save_base_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
     buf = io.BytesIO()
-    torch.save({"format": BASE_FORMAT, "state_dict": model.state_dict(), **meta}, buf)
+    # CPU tensors, so a base trained on a GPU loads anywhere.
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"format": BASE_FORMAT, "state_dict": state, **meta}, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 

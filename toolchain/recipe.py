@@ -107,6 +107,19 @@ class OptimConfig(_Strict):
     batch_size: int = Field(16, gt=0)
     eval_every: int = Field(10, gt=0, description="evaluate macro-F1 on the target test split every N steps")
     target_f1: float = Field(0.9, gt=0, le=1, description="steps_to_target is the first evaluation step reaching this")
+    # Per section: the base may be pretrained on a workstation GPU and adapted on the device.
+    device: str = Field("auto", description="auto (CUDA when usable, else CPU), cpu, cuda or cuda:N")
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="fp16/bf16: the forward runs under autocast (fp16 with a gradient scaler); weights stay fp32")
+
+    @field_validator("device")
+    @classmethod
+    def _device_spec(cls, v: str) -> str:
+        from .device import DEVICE_SPEC
+
+        if not DEVICE_SPEC.fullmatch(v):
+            raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {v!r}")
+        return v
 
 
 class FuseConfig(_Strict):
@@ -142,8 +155,9 @@ class VerifyConfig(_Strict):
 
 
 # Training settings every method must share in a benchmark: equal step budgets, the same batches
-# (fit's data order depends only on seed, batch size and step count) and the same evaluation grid.
-BENCH_SHARED_TRAIN_FIELDS = ("steps", "batch_size", "eval_every", "target_f1")
+# (fit's data order depends only on seed, batch size and step count), the same evaluation grid, and
+# the same device and precision (cost ratios to full fine-tuning compare like with like).
+BENCH_SHARED_TRAIN_FIELDS = ("steps", "batch_size", "eval_every", "target_f1", "device", "precision")
 
 
 class BenchConfig(_Strict):

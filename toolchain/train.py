@@ -1,5 +1,5 @@
-"""Training shared by pretrain, adapt and bench: seeded data order, periodic evaluation,
-steps-to-target and an explicit account of peak training memory."""
+"""Training shared by pretrain, adapt and bench: seeded data order, the recipe's device and precision,
+periodic evaluation, steps-to-target and an explicit account of peak training memory."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import Split
+from .device import training_device
 from .metrics import evaluate
 from .errors import EdgetoolError
 from .methods.base import AdaptationMethod
@@ -40,6 +41,9 @@ class TrainResult:
     train_seconds: float
     peak_memory_bytes: int
     memory_breakdown: dict[str, int] = field(default_factory=dict)
+    device: dict = field(default_factory=dict)  # toolchain.device.TrainingDevice.describe()
+    peak_memory_source: str = "tensor-account"  # or "cuda-allocator" (see fit)
+    skipped_steps: int = 0  # fp16: optimizer steps the gradient scaler skipped (overflowed gradients)
 
     def curve_rows(self) -> list[dict]:
         return [asdict(p) for p in self.curve]
@@ -84,20 +88,30 @@ def fit(
     eval_split: Split | None = None,
     desc: str = "train",
     progress: bool = True,
+    where: str = "train",
 ) -> TrainResult:
     """Train `model`'s trainable parameters (as `method` set them) for `cfg.steps` steps with a data
-    order fixed by `seed`. Evaluates macro-F1 on `eval_split` at step 0, every `eval_every` steps and at the end.
+    order fixed by `seed`, on `cfg.device` in `cfg.precision` (recipe section `where`). The model is
+    moved to that device (in place, like nn.Module.to) and left there. Evaluates macro-F1 on
+    `eval_split` (in fp32, on the device) at step 0, every `eval_every` steps and at the end.
 
-    Peak memory is measured, not estimated, on the first step: bytes of all parameters and buffers
-    + gradients + optimizer state (after the step, when Adam's moments exist) + tensors saved for
-    backward. On CUDA, torch.cuda.max_memory_allocated is used instead."""
+    Peak memory is measured, not estimated, on the first step. On the CPU: bytes of all parameters and
+    buffers + gradients + optimizer state (after the step, when Adam's moments exist) + tensors saved
+    for backward. On CUDA: the allocator's peak during that step above what was allocated before it
+    (the resident training data, the model, leftovers), plus the model's own bytes: what the CPU
+    account counts, plus kernel workspaces and temporaries."""
+    td = training_device(cfg.device, cfg.precision, where)
     seed_everything(seed)
     rng = np.random.default_rng([seed, 2024])
+    model.to(td.device)
     opt = method.build_optimizer(model, cfg)
+    scaler = td.grad_scaler()
     loss_fn = nn.CrossEntropyLoss()
-    X = torch.from_numpy(train.X)
-    y = torch.from_numpy(train.y)
+    # The training windows are small: they move to the device once.
+    X = torch.from_numpy(train.X).to(td.device)
+    y = torch.from_numpy(train.y).to(td.device)
     bs = min(cfg.batch_size, len(y))
+    on_cuda = td.device.type == "cuda"
 
     curve: list[EvalPoint] = []
     steps_to_target = None
@@ -114,6 +128,8 @@ def fit(
     record(0)
     order = np.empty(0, dtype=np.int64)
     memory: dict[str, int] = {}
+    skipped = 0
+    peak = 0
     start = time.perf_counter()
     # disable=None: tqdm hides itself when stderr is not a terminal (CI logs stay readable).
     bar = tqdm(range(1, cfg.steps + 1), desc=desc, disable=None if progress else True, leave=False, unit="step")
@@ -121,21 +137,31 @@ def fit(
         if len(order) < bs:
             order = np.concatenate([order, rng.permutation(len(y))])
         idx, order = order[:bs], order[bs:]
+        ix = torch.from_numpy(idx).to(td.device)
         method.set_train_mode(model)
         if step == 1:  # the first step is metered (see the docstring); the rest run plain
             meter = SavedActivationMeter({p.untyped_storage().data_ptr() for p in model.parameters()})
             saved_tensors = torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack)
+            if on_cuda:
+                td.synchronize()
+                torch.cuda.reset_peak_memory_stats(td.device)
+                resident = torch.cuda.memory_allocated(td.device)
         else:
             saved_tensors = contextlib.nullcontext()
-        with saved_tensors:
-            loss = loss_fn(model(X[idx]), y[idx])
+        with saved_tensors, td.autocast():
+            loss = loss_fn(model(X[ix]), y[ix])
         if not torch.isfinite(loss):
-            raise EdgetoolError(f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate")
+            hint = " or train in bf16/fp32" if td.precision == "fp16" else ""
+            raise EdgetoolError(f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate{hint}")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if step == 1:
             grads = _tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
-        opt.step()
+        scale = scaler.get_scale() if scaler.is_enabled() else None
+        scaler.step(opt)
+        scaler.update()
+        if scale is not None and scaler.get_scale() < scale:
+            skipped += 1  # fp16 gradients overflowed: the scaler skipped this optimizer step and lowered its scale
         if step == 1:
             memory = {
                 "parameters_and_buffers": _tensor_bytes(model.parameters()) + _tensor_bytes(model.buffers()),
@@ -143,13 +169,16 @@ def fit(
                 "optimizer_state": optimizer_state_bytes(opt),
                 "saved_activations": meter.bytes,
             }
+            peak = sum(memory.values())
+            if on_cuda:
+                td.synchronize()
+                peak = (torch.cuda.max_memory_allocated(td.device) - resident) + memory["parameters_and_buffers"]
         if step % cfg.eval_every == 0 or step == cfg.steps:
             record(step)
             if eval_split is not None:
                 bar.set_postfix(f1=f"{curve[-1].f1:.3f}", loss=f"{loss.item():.3f}")
+    td.synchronize()
     seconds = time.perf_counter() - start
     model.eval()
-    peak = sum(memory.values())
-    if torch.cuda.is_available() and next(model.parameters()).is_cuda:
-        peak = int(torch.cuda.max_memory_allocated())
-    return TrainResult(curve, cfg.steps, steps_to_target, seconds, peak, memory)
+    return TrainResult(curve, cfg.steps, steps_to_target, seconds, peak, memory, device=td.describe(),
+                       peak_memory_source="cuda-allocator" if on_cuda else "tensor-account", skipped_steps=skipped)

@@ -1,5 +1,6 @@
-"""What one training step costs, measured on a copy of the model: FLOPs (forward, backward, optimizer),
-wall time, and the adapter checkpoint's size. Used by `bench`; peak memory comes from `fit`."""
+"""What one training step costs, measured on a copy of the model: FLOPs (forward, backward, optimizer;
+counted on the CPU in fp32, the same on every device), time on the training device, and the adapter
+checkpoint's size. Used by `bench`; peak memory comes from `fit`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import time
 import torch
 from torch import nn
 
+from .basemodel import build_adapted
+from .device import TrainingDevice, training_device
 from .recipe import OptimConfig
+from .train import fit, seed_everything
 
 # Elementwise FLOPs per trainable element of one optimizer step (FlopCounterMode does not see them).
 # Adam (torch, single-tensor path): exp_avg.lerp_ 3 + exp_avg_sq.mul_.addcmul_ 4 + sqrt/div/add eps 3
@@ -21,11 +25,15 @@ OPTIMIZER_FLOPS_PER_ELEMENT = {"adam": 13, "adamw": 14, "sgd": 4}
 WEIGHT_DECAY_FLOPS_PER_ELEMENT = {"adam": 2, "adamw": 0, "sgd": 2}
 
 
-def _train_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor) -> None:
-    loss = nn.functional.cross_entropy(model(xb), yb)
+def _train_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor,
+                td: TrainingDevice, scaler) -> None:
+    """One step as `fit` takes it (autocast forward, scaled backward for fp16)."""
+    with td.autocast():
+        loss = nn.functional.cross_entropy(model(xb), yb)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
 
 
 def _batch(split, cfg: OptimConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,17 +109,30 @@ def measure_step_flops(model: nn.Module, method, cfg: OptimConfig, split) -> dic
 
 
 def time_train_steps(model: nn.Module, method, cfg: OptimConfig, split, steps: int, warmup: int = 2) -> float:
-    """Median wall seconds of one training step (forward, backward, optimizer) on a copy of `model`."""
-    model = copy.deepcopy(model)
+    """Median seconds of one training step (forward, backward, optimizer) on a copy of `model`, on
+    `cfg.device` in `cfg.precision`: CUDA events on a GPU (the device's own clock, no host overhead
+    counted twice), the host's monotonic clock on the CPU."""
+    td = training_device(cfg.device, cfg.precision)
+    model = copy.deepcopy(model).to(td.device)
     opt = method.build_optimizer(model, cfg)
+    scaler = td.grad_scaler()
     method.set_train_mode(model)
-    xb, yb = _batch(split, cfg)
+    xb, yb = (t.to(td.device) for t in _batch(split, cfg))
     times = []
     for i in range(warmup + steps):
-        start = time.perf_counter()
-        _train_step(model, opt, xb, yb)
+        if td.device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            _train_step(model, opt, xb, yb, td, scaler)
+            end.record()
+            end.synchronize()
+            seconds = begin.elapsed_time(end) / 1000.0
+        else:
+            start = time.perf_counter()
+            _train_step(model, opt, xb, yb, td, scaler)
+            seconds = time.perf_counter() - start
         if i >= warmup:
-            times.append(time.perf_counter() - start)
+            times.append(seconds)
     return float(statistics.median(times))
 
 
@@ -119,3 +140,16 @@ def adapter_bytes(method, model: nn.Module) -> int:
     buf = io.BytesIO()
     torch.save(method.adapter_state(model), buf)
     return len(buf.getvalue())
+
+
+def full_step_cost(mcfg, tcfg: OptimConfig, base: nn.Module, head_name: str, data, seed: int,
+                   timing_steps: int) -> dict[str, float]:
+    """Full fine-tuning's peak training memory (one metered `fit` step) and median step time on `data`,
+    for a bench whose methods do not include it: the reference of the cost ratios."""
+    seed_everything(seed)
+    model, method = build_adapted(mcfg, base, head_name, data)
+    untrained = copy.deepcopy(model)
+    one_step = tcfg.model_copy(update={"steps": 1})
+    result = fit(model, method, data.target_train, one_step, seed, progress=False)
+    return {"peak_memory_bytes": result.peak_memory_bytes,
+            "wall_seconds_per_step": time_train_steps(untrained, method, tcfg, data.target_train, timing_steps)}

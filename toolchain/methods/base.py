@@ -167,7 +167,8 @@ class AdaptationMethod:
 
     def adapter_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         state = model.state_dict()
-        return {k: state[k].detach().clone() for k in self.adapter_state_keys(model)}
+        # On the CPU whatever device trained it, so fuse-export and verify load it anywhere.
+        return {k: state[k].detach().cpu().clone() for k in self.adapter_state_keys(model)}
 
     def load_adapter_state(self, model: nn.Module, adapter: dict[str, torch.Tensor]) -> None:
         own = model.state_dict()

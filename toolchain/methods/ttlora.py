@@ -60,7 +60,10 @@ class TTLoRAConv(AdapterLayer):
 
     def _delta(self, dtype: torch.dtype) -> torch.Tensor:
         cores = [self.g1.to(dtype).unsqueeze(0)] + [c.to(dtype) for c in self.frozen_cores()]
-        return tt_contract(cores)
+        # In `dtype` even under fp16/bf16 autocast (which would cast each contraction's matmul, leaving the
+        # next one with mixed inputs): the update is small and W + dW is the weight the conv then casts.
+        with torch.autocast(self.g1.device.type, enabled=False):
+            return tt_contract(cores)
 
     def delta_weight(self) -> torch.Tensor:
         return self._delta(torch.float64).detach()

@@ -14,6 +14,7 @@ from ..metrics import evaluate
 from ..models import count_params
 from ..recipe import Recipe, check_inputs_exist
 from ..rundir import RUN_FILES, WHAT, adapter_payload, write_run
+from ..device import training_device
 from ..train import fit, seed_everything
 
 
@@ -39,6 +40,7 @@ def pretrain(recipe: Recipe, data: DataBundle | None = None, progress: bool = Tr
     if ckpt.exists() and not force:
         raise EdgetoolError(f"base checkpoint {ckpt} exists; pretraining again would replace it and every adapter "
                             "trained on it would stop applying (they record its sha256); pass --force to replace it")
+    training_device(recipe.pretrain.device, recipe.pretrain.precision, "pretrain")  # refuse before any work
     remove_stale_temps(ckpt)  # a checkpoint write killed mid-way
     data = data or load_data(recipe.data, recipe.seed)
     _notes(echo, data.notes)
@@ -49,13 +51,14 @@ def adapt(recipe: Recipe, out_dir: Path | None = None, progress: bool = True, ec
           method_cfg: MethodSettings | None = None) -> Path:
     """Zero-shot evaluation, fine-tuning on the target train split, evaluation again; writes a run dir."""
     check_inputs_exist(recipe)
+    device = training_device(recipe.train.device, recipe.train.precision, "train").device  # refuse before any work
     method_cfg = method_cfg or recipe.method
     out_dir = Path(out_dir) if out_dir is not None else default_output("runs", recipe.name)
     with claimed_output(out_dir, RUN_FILES, WHAT, (("model.checkpoint", recipe.model.checkpoint),)):
-        return _adapt(recipe, out_dir, progress, echo, method_cfg)
+        return _adapt(recipe, out_dir, progress, echo, method_cfg, device)
 
 
-def _adapt(recipe: Recipe, out_dir: Path, progress: bool, echo, method_cfg: MethodSettings) -> Path:
+def _adapt(recipe: Recipe, out_dir: Path, progress: bool, echo, method_cfg: MethodSettings, device) -> Path:
     data = load_data(recipe.data, recipe.seed)
     _notes(echo, data.notes)
     base, head_name, base_sha = ensure_base_model(recipe, data, progress, echo)
@@ -63,6 +66,7 @@ def _adapt(recipe: Recipe, out_dir: Path, progress: bool, echo, method_cfg: Meth
     model, method = build_adapted(method_cfg, base, head_name, data)
     _notes(echo, method.notes)
     check_model_io(model, data)
+    model.to(device)
 
     f1_before, acc_before = evaluate(model, data.target_test)
     trainable = sum(p.numel() for _, p in method.trainable_parameters(model))
@@ -96,6 +100,9 @@ def _adapt(recipe: Recipe, out_dir: Path, progress: bool, echo, method_cfg: Meth
         "train_seconds": result.train_seconds,
         "peak_memory_bytes": result.peak_memory_bytes,
         "peak_memory_breakdown": result.memory_breakdown,
+        "peak_memory_source": result.peak_memory_source,
+        "device": result.device,
+        "skipped_steps": result.skipped_steps,
         "adapter_params": sum(t.numel() for t in payload["state"].values()),
         "target_train_windows": len(data.target_train),
         "target_test_windows": len(data.target_test),
@@ -104,7 +111,8 @@ def _adapt(recipe: Recipe, out_dir: Path, progress: bool, echo, method_cfg: Meth
     }
     size = write_run(out_dir, recipe, method_cfg, payload, metrics, [(p.step, p.f1) for p in result.curve])
     _log(echo, f"target macro-F1 {f1_before:.3f} -> {f1_after:.3f} (accuracy {acc_before:.3f} -> {acc_after:.3f}), "
-               f"steps to F1>={recipe.train.target_f1:g}: {result.steps_to_target}, {result.train_seconds:.1f} s; "
+               f"steps to F1>={recipe.train.target_f1:g}: {result.steps_to_target}, {result.train_seconds:.1f} s on "
+               f"{result.device['name']} ({result.device['precision']}); "
                f"adapter {size} bytes -> {out_dir}")
     for warning in warnings:
         _log(echo, f"warning: {warning}")

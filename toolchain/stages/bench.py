@@ -28,8 +28,9 @@ from tqdm import tqdm
 
 from ..artifacts import atomic_dir, atomic_write_json, atomic_write_text, claimed_output, default_output
 from ..basemodel import build_adapted, check_model_io, ensure_base_model, original_model
-from ..benchreport import MEASUREMENT, mean_std, markdown_table, summarise
+from ..benchreport import MEASUREMENT, add_cost_ratios, mean_std, markdown_table, summarise
 from ..data import DataBundle, load_data
+from ..device import training_device
 from ..enginedir import onnx_name
 from ..errors import EdgetoolError, InternalError, NotMergeableError
 from ..export import compare_graph_structure, export_onnx
@@ -39,7 +40,7 @@ from ..metrics import evaluate
 from ..models import count_params
 from ..plots import plot_f1_curves, plot_scatter
 from ..recipe import OptimConfig, Recipe, check_inputs_exist, format_validation_error
-from ..traincost import adapter_bytes, measure_step_flops, time_train_steps
+from ..traincost import adapter_bytes, full_step_cost, measure_step_flops, time_train_steps
 from ..train import fit, seed_everything
 
 # What a bench directory always holds: `--out` may replace only a directory that has them.
@@ -122,6 +123,7 @@ def run_bench(recipe: Recipe, methods: list[str] | None = None, seeds: int | Non
               progress: bool = True, echo=print) -> Path:
     """Run every method over `seeds` seeds with the recipe's shared budget; write the bench directory."""
     check_inputs_exist(recipe)
+    training_device(recipe.train.device, recipe.train.precision, "train")  # refuse before any work
     methods = list(methods) if methods is not None else list(recipe.bench.methods)
     n_seeds = recipe.bench.seeds if seeds is None else seeds
     if n_seeds <= 0:
@@ -151,6 +153,7 @@ def _run_bench(recipe: Recipe, methods: list[str], n_seeds: int, configs: dict[s
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     once: dict[str, dict[str, Any]] = {}
     zero_shot = []
+    device_info: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="edgetool-bench-") as tmp:
         workdir = Path(tmp)
         sample = torch.from_numpy(base_data.target_test.X[:1])
@@ -186,6 +189,8 @@ def _run_bench(recipe: Recipe, methods: list[str], n_seeds: int, configs: dict[s
                 result = fit(model, method, data.target_train, tcfg, seed, eval_split=data.target_test,
                              desc=f"{name} seed {seed}", progress=False)
                 f1, acc = evaluate(model, data.target_test)
+                model.cpu()  # fusion and export run on the CPU whatever device trained
+                device_info = device_info or result.device
                 if index == 0:
                     once[name].update(fusion_row(method, model, original, original_onnx, sample, data.target_test.X,
                                                  workdir, recipe))
@@ -206,6 +211,17 @@ def _run_bench(recipe: Recipe, methods: list[str], n_seeds: int, configs: dict[s
         bar.close()
 
     rows = [summarise(name, runs[name], once[name]) for name in methods]
+    if "full" in methods:
+        full_row = next(r for r in rows if r["method"] == "full")
+        reference = {"peak_memory_bytes": full_row["peak_memory_bytes_mean"],
+                     "wall_seconds_per_step": full_row["wall_seconds_per_step_mean"], "measured": "the full row"}
+    else:
+        # The ratios are the point of the cost columns: full fine-tuning's step is measured on its own
+        # (first seed's data, one metered step for memory, the same timed steps) when it is not benched.
+        mcfg, tcfg = method_configs(recipe, ["full"])["full"]
+        reference = {**full_step_cost(mcfg, tcfg, base, head_name, base_data, recipe.seed, recipe.bench.timing_steps),
+                     "measured": "separately on the first seed (full is not among the benched methods)"}
+    add_cost_ratios(rows, reference)
     zs_mean, zs_std = mean_std(zero_shot)
     scenario = (f"new classes ({base_data.num_source_classes} source classes -> {base_data.num_classes} target classes)"
                 if base_data.num_classes > base_data.num_source_classes else "distribution shift")
@@ -230,6 +246,8 @@ def _run_bench(recipe: Recipe, methods: list[str], n_seeds: int, configs: dict[s
             "zero_shot_f1_std": zs_std,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "device": device_info,
+            "full_reference": reference,
             "measurement": MEASUREMENT,
         },
         "rows": rows,
