@@ -116,7 +116,7 @@ def test_pipeline_passes_parity_thresholds(pipeline, tiny_run):
     fp32, fp16 = r["accuracy"]["fp32"], r["accuracy"]["fp16"]
     assert fp32["argmax_agreement"] >= cfg.min_argmax_agreement
     assert fp32["f1_delta"] <= cfg.max_f1_delta
-    assert fp32["output_error_passed"] and fp32["max_abs_error"] <= cfg.atol
+    assert fp32["output_error_passed"] and fp32["scaled_error"] <= fp32["error_limit"]
     assert fp16["argmax_agreement"] >= cfg.fp16_min_argmax_agreement
     assert fp16["f1_delta"] <= cfg.fp16_max_f1_delta
     assert fp16["output_error_passed"]

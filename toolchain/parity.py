@@ -242,11 +242,9 @@ def latency_verdict(original_s: np.ndarray, fused_s: np.ndarray, control_s: np.n
     beta = math.log1p(band)
     rho = max(abs(c_lo), abs(c_hi))  # log units; inf when unbounded
     theta = max(beta, NOISE_FACTOR * rho)
-    ratio = lambda v: math.exp(v) if math.isfinite(v) else v  # noqa: E731
-    v = LatencyVerdict(
-        INCONCLUSIVE, "", "", len(a), confidence, ratio(r_med), (ratio(r_lo), ratio(r_hi)), ratio(c_med),
-        (ratio(c_lo), ratio(c_hi)), math.expm1(rho) if math.isfinite(rho) else math.inf, band,
-        math.expm1(theta) if math.isfinite(theta) else math.inf, band_max, theta > beta)
+    ex = math.exp
+    v = LatencyVerdict(INCONCLUSIVE, "", "", len(a), confidence, ex(r_med), (ex(r_lo), ex(r_hi)), ex(c_med),
+                       (ex(c_lo), ex(c_hi)), math.expm1(rho), band, math.expm1(theta), band_max, theta > beta)
     pct = f"{100 * confidence:g} %"
     fused = f"fused/original {v.ratio:.3f} ({pct} CI {v.ci[0]:.3f}-{v.ci[1]:.3f})"
     control = f"identical graphs (control) {v.control_ratio:.3f} ({v.control_ci[0]:.3f}-{v.control_ci[1]:.3f})"
