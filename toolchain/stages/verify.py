@@ -8,6 +8,8 @@ Checks (each one a JUnit testcase; a failure -> exit 1 naming it):
   accuracy.<precision>.f1_delta          |macro-F1(engine) - macro-F1(PyTorch)|
   accuracy.<precision>.output_error      scaled error within error_margin x the original engine's + floor
   structure.<precision>.graph_identical  original and fused graphs still node-for-node identical
+  structure.<precision>.runtime_graph_identical  ... and so are the graphs the backend will execute, where it
+                                         exposes them (ONNX Runtime's optimised graphs)
   latency.batch_<n>                      pass / fail / inconclusive (toolchain.parity.latency_verdict);
                                          inconclusive never fails the run and is never called a pass
 Precisions: what the backend runs (ONNX Runtime: the FP32 and the FP16 graph; TensorRT: FP16 engines).
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from ..backends import select_backend
 from ..backends.base import BACKENDS, Backend, Runner
@@ -67,15 +70,26 @@ def _unfused_onnx(adapted, sample: np.ndarray, opset: int, tmp: Path) -> tuple[P
         return None, 0, f"not exportable to ONNX: {type(exc).__name__}: {first[:200]}"
 
 
-def structure_checks(ed: EngineDir) -> list[Check]:
+def structure_checks(ed: EngineDir, backend: Backend) -> list[Check]:
     """Latency parity rests on original and fused being the same graph. fuse-export proved it when it
-    wrote them; prove it again on the files verify times, since files in ENGINE_DIR can be swapped."""
+    wrote them; prove it again on the files verify times, and on the graphs the backend will execute
+    where it exposes them (ONNX Runtime's optimised graphs), since a runtime's choices follow the graph."""
     checks = []
+    same = "same nodes, attributes, I/O and initializer names/shapes/dtypes"
     for precision in ("fp32", "fp16"):
         rep = compare_graph_structure(ed.onnx("original", precision), ed.onnx("fused", precision))
-        msg = ("original and fused graphs: same nodes, attributes, I/O and initializer names/shapes/dtypes"
-               if rep.identical else "; ".join(rep.differences[:3]))
+        msg = f"original and fused graphs: {same}" if rep.identical else "; ".join(rep.differences[:3])
         checks.append(check(f"structure.{precision}.graph_identical", rep.identical, msg))
+    with tempfile.TemporaryDirectory() as tmp:
+        for precision in backend.accuracy_precisions():
+            paths = [backend.runtime_graph(ed, g, precision, Path(tmp)) for g in ("original", "fused")]
+            if None in paths:
+                continue
+            rep = compare_graph_structure(*paths)
+            n = len(onnx.load(str(paths[0])).graph.node)
+            msg = (f"as {backend.name} will run them ({n} nodes after its optimisations): {same}" if rep.identical
+                   else f"{backend.name} optimises original and fused differently: " + "; ".join(rep.differences[:3]))
+            checks.append(check(f"structure.{precision}.runtime_graph_identical", rep.identical, msg))
     return checks
 
 
@@ -161,8 +175,6 @@ def _nodes_after_ort_folding(path: Path, tmp: Path) -> int:
     """Node count of `path` after ONNX Runtime's basic (constant-folding) optimisations: it folds an
     adapter whose factors are constants back into the conv weights at session load, which is why the
     unfused graph costs about the same as the fused one on ONNX Runtime (eager PyTorch has no such pass)."""
-    import onnx
-
     optimized = tmp / f"{path.stem}.ort-basic.onnx"
     ort_session(path, optimization="basic", optimized_model_path=optimized)
     return len(onnx.load(str(optimized)).graph.node)
@@ -173,8 +185,6 @@ def _unfused_phase(adapted, fused, backend: Backend, ed: EngineDir, X: np.ndarra
     """What fusion saved: the unfused adapted model against the fused one, in the same runtime each
     (eager PyTorch; ONNX Runtime FP32 when the unfused model exports). Informational, no check, so
     fewer runs: eager PyTorch at the recipe batch is the slowest thing verify times."""
-    import onnx
-
     iters = min(cfg.unfused_iterations, cfg.iterations)
     ms: dict[str, dict[str, Any]] = {"torch": {}, "onnxruntime": {}}
     ratio: dict[str, dict[str, float] | None] = {"torch": {}, "onnxruntime": {}}
@@ -271,7 +281,7 @@ def verify(engine_dir: Path | str, engine: str = "auto", echo=print, iterations:
 
     phase_seconds = {"load": time.perf_counter() - t_start}
     accuracy, acc_checks = _accuracy_phase(backend, ed, batch_sizes, test, torch_out, cfg, echo)
-    checks += acc_checks + structure_checks(ed)
+    checks += acc_checks + structure_checks(ed, backend)
     phase_seconds["accuracy"] = time.perf_counter() - t_start - sum(phase_seconds.values())
     latency, lat_checks = _latency_phase(backend, ed, test.X, batch_sizes, cfg, echo)
     checks += lat_checks
@@ -337,7 +347,8 @@ def summary(report: dict[str, Any], checks: list[Check], engine_dir: Path) -> st
             lines.append(f"integrity {c.name.split('.', 1)[1]}: {c.message}  {word[c.verdict]}")
     for c in checks:
         if c.name.startswith("structure."):
-            lines.append(f"structure {c.name.split('.')[1]}: {c.message}  {word[c.verdict]}")
+            runtime = " (runtime)" if "runtime_graph" in c.name else ""
+            lines.append(f"structure {c.name.split('.')[1]}{runtime}: {c.message}  {word[c.verdict]}")
     for p, a in report["accuracy"].items():
         ok = all(c.passed for c in checks if c.name.startswith(f"accuracy.{p}."))
         lines.append(f"accuracy {p}: argmax agreement {a['argmax_agreement']:.3f} (original engine "
