@@ -21,7 +21,6 @@ from onnx import numpy_helper
 
 from conftest import assert_parity_passed, needs_tensorrt
 from toolchain.cli import main
-from toolchain.recipe import VerifyConfig
 from toolchain.backends.base import Runner
 from toolchain.parity import Check, interleaved_timings, junit_xml, latency_input, latency_stats
 

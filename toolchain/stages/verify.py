@@ -35,8 +35,8 @@ from ..backends import select_backend
 from ..backends.base import BACKENDS, Backend, Runner
 from ..backends.onnxruntime import ort_session
 from ..backends.pytorch import TorchRunner
-from ..enginedir import (FUSE_REPORT, VERIFY_JUNIT, VERIFY_REPORT, EngineDir, engine_file_hashes, integrity_problems,
-                         read_engine_dir)
+from ..enginedir import (FUSE_REPORT, VERIFY_JUNIT, VERIFY_REPORT, EngineDir, changed_since_export, engine_file_hashes,
+                         integrity_problems, read_engine_dir)
 from ..errors import EdgetoolError, ParityError
 from ..export import compare_graph_structure, export_onnx
 from ..fusion import fuse_model
@@ -319,7 +319,7 @@ def verify(engine_dir: Path | str, engine: str = "auto", echo=print, iterations:
         # What this report describes: compare with the files in ENGINE_DIR now.
         "engine_files": hashes,
         "allow_modified": allow_modified,
-        "changed_since_export": sorted(integrity_problems(ed, hashes)),
+        "changed_since_export": changed_since_export(ed, hashes),
         "checks": [c.as_dict() for c in checks],
         "engine_dir": str(ed.path.resolve()),
         "run_dir": str(ed.run_dir),
