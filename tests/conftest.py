@@ -77,6 +77,19 @@ def tiny_run(tmp_path_factory, tiny_checkpoint) -> Path:
     return adapt(recipe, d / "run", progress=False, echo=None)
 
 
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_run, tmp_path_factory) -> Path:
+    """`edgetool fuse-export` on the session's tiny TT-LoRA run (treat as read-only: copy it to change it)."""
+    from click.testing import CliRunner
+
+    from toolchain.cli import main
+
+    out = tmp_path_factory.mktemp("engine") / "engine"
+    res = CliRunner().invoke(main, ["fuse-export", str(tiny_run), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
 def _tensorrt_skip_reason() -> str | None:
     try:
         import tensorrt  # noqa: F401
@@ -99,9 +112,9 @@ def needs_tensorrt(fn):
 
 
 def assert_parity_passed(result, report: dict) -> None:
-    """verify's structure and accuracy checks all passed, and the exit code matches the report. Latency
-    checks are not asserted here: a few timed runs on a loaded 2-core CI machine say nothing about
-    speed (benchmarks and `verify` on the device do); tests/test_verify.py covers the band logic."""
-    not_timing = [c for c in report["failed_checks"] if not c.startswith("latency.")]
-    assert not_timing == [], result.output
-    assert result.exit_code == (1 if report["failed_checks"] else 0), result.output
+    """verify failed no check and exited 0. A latency check may be inconclusive (never fail) for the
+    identical graphs fuse-export writes: with the few rounds tests time (fewer than 8) it always is, and
+    tests/test_latency_verdict.py shows on synthetic timings that identical graphs never fail."""
+    assert report["failed_checks"] == [], result.output
+    assert result.exit_code == 0, result.output
+    assert all(c["verdict"] in ("pass", "inconclusive") for c in report["checks"] if c["name"].startswith("latency."))

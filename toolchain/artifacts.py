@@ -212,17 +212,28 @@ def atomic_dir(final: Path | str) -> Iterator[Path]:
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    path = Path(path)
-    _check_parent_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+    atomic_write_files({Path(path): data})
+
+
+def atomic_write_files(files: dict[Path, bytes]) -> None:
+    """Write several files that belong together: every temp file is complete before the first rename,
+    so a failure while writing leaves all the earlier files in place."""
+    temps: list[tuple[str, Path]] = []
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
-        os.replace(tmp, path)
+        for path, data in files.items():
+            path = Path(path)
+            _check_parent_writable(path)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+            temps.append((tmp, path))
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
+        for tmp, path in temps:
+            os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        for tmp, _ in temps:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
 
 
@@ -230,11 +241,15 @@ def atomic_write_text(path: Path | str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: Path | str, obj: Any) -> None:
+def json_bytes(obj: Any) -> bytes:
     # Strict JSON: a NaN/inf figure (a diverged run, a failed check) is written as null, which every
     # parser reads, instead of Python's non-standard NaN token.
     text = json.dumps(_finite_or_null(obj), indent=2, sort_keys=False, default=_json_default, allow_nan=False)
-    atomic_write_text(path, text + "\n")
+    return (text + "\n").encode("utf-8")
+
+
+def atomic_write_json(path: Path | str, obj: Any) -> None:
+    atomic_write_bytes(path, json_bytes(obj))
 
 
 def _finite_or_null(obj: Any) -> Any:

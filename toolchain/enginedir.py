@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .artifacts import (atomic_dir, atomic_write_bytes, atomic_write_json, check_output_dir, claimed_output,
-                        default_output, read_json, sha256_file)
+from .artifacts import (atomic_dir, atomic_write_files, atomic_write_json, check_output_dir, claimed_output,
+                        default_output, json_bytes, read_json, sha256_file)
 from .errors import EdgetoolError
 from .rundir import ADAPTER_FILE
 
@@ -108,8 +108,8 @@ class EngineDir:
         return self.path / VERIFY_JUNIT
 
     def write_verify_reports(self, report: dict[str, Any], junit: bytes) -> None:
-        atomic_write_json(self.report_path, report)
-        atomic_write_bytes(self.junit_path, junit)
+        """Both reports replace the earlier ones together, only once both are complete."""
+        atomic_write_files({self.report_path: json_bytes(report), self.junit_path: junit})
 
 
 def read_engine_dir(engine_dir: Path | str) -> EngineDir:
@@ -152,7 +152,27 @@ def read_engine_dir(engine_dir: Path | str) -> EngineDir:
                      input_shape, opset)
 
 
-def changed_since_export(ed: EngineDir) -> list[str]:
+def engine_file_hashes(ed: EngineDir) -> dict[str, str]:
+    """The sha256 of every exported file as it is now (read_engine_dir checked they exist)."""
+    return {f: sha256_file(ed.path / f) for f in EXPORT_FILES}
+
+
+def integrity_problems(ed: EngineDir, hashes: dict[str, str]) -> dict[str, str]:
+    """{file: what is wrong} for every exported file whose sha256 (`hashes`, as now) is not the one
+    fuse-export sealed into fuse_report.json; a file with no recorded hash counts as changed."""
+    recorded = ed.fuse_report.get("files")
+    if not isinstance(recorded, dict):
+        recorded = {}
+    problems = {}
+    for f in EXPORT_FILES:
+        if f not in recorded:
+            problems[f] = f"{FUSE_REPORT} records no sha256 for {f}"
+        elif recorded[f] != hashes[f]:
+            problems[f] = (f"{f} changed since fuse-export sealed it (sha256 {hashes[f][:12]}, "
+                           f"{FUSE_REPORT} records {str(recorded[f])[:12]})")
+    return problems
+
+
+def changed_since_export(ed: EngineDir, hashes: dict[str, str] | None = None) -> list[str]:
     """Files whose sha256 differs from what fuse-export recorded."""
-    recorded = ed.fuse_report.get("files") or {}
-    return [f for f, h in recorded.items() if (ed.path / f).is_file() and sha256_file(ed.path / f) != h]
+    return sorted(integrity_problems(ed, hashes or engine_file_hashes(ed)))

@@ -1,18 +1,20 @@
-"""Parity judgements, apart from any backend: accuracy of an engine against PyTorch, latency statistics
-of interleaved timings with the A-vs-A' control and the band it implies, and the JUnit report.
+"""Parity judgements, apart from any backend (docs/verify.md has the reasoning and the statistics).
 
-Latency: warm-up, then round-robin timed runs of original (A), fused (B) and a second, independent
-instance of the original (A') -- A B A' B A' A ..., the order rotating each round so drift and
-position effects hit all three alike. A' vs A is the control: two identical graphs, so its median
-ratio shows how far this machine's noise alone moves the ratio. When twice that deviation exceeds the
-requested band, the band is widened to it (capped at verify.latency_band_max), and the report records
-the requested band, the effective band and the reason. The noise of a batch size is the larger of the
-control's deviation from 1 and half its 95 % bootstrap interval, so a lucky control on a loaded machine
-does not pass for a quiet one."""
+Accuracy, at one precision: the fused engine against its reference (the fused PyTorch model in verify,
+the fused FP32 graph in fuse-export), judged next to the original engine against *its* reference on the
+same inputs. Argmax agreement and macro-F1 delta have fixed thresholds; the output error is scaled by the
+output's magnitude and passes when it is within `error_margin` x the original engine's scaled error plus
+a small scaled floor. One function, `accuracy_parity`, used by verify (FP32, FP16) and fuse-export (FP16).
+
+Latency: per-round paired ratios fused/original and control/original from interleaved rounds (A B A',
+rotating), a distribution-free confidence interval for the median of each, and a verdict with three
+outcomes: pass, fail (only when the machine could resolve the difference) and inconclusive. The verdict
+consumes arrays of per-round seconds, so it does not depend on how a backend times a run."""
 
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import platform
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -20,86 +22,146 @@ from typing import Any
 
 import numpy as np
 
-from .backends.base import Runner, quiet_polygraphy
+from .backends.base import Runner
 from .metrics import macro_f1
 from .recipe import VerifyConfig
 
-# The fused/original ratio and the control ratio are both noisy; a band of twice the control's
-# deviation leaves room for the noise of each.
+PASS, FAIL, INCONCLUSIVE, WARNING = "pass", "fail", "inconclusive", "warning"
+
+# A fail needs the fused/original interval to clear twice the control's deviation: the fused pair and
+# the control pair are each as noisy as the other, so half of the room is for each.
 NOISE_FACTOR = 2.0
 
 
 @dataclass
 class Check:
+    """One JUnit testcase. `verdict`: pass, fail (exit 1), inconclusive (latency the machine could not
+    resolve) or warning (a check waived on request); only `fail` fails the run."""
+
     name: str
-    passed: bool
+    verdict: str
     message: str
     seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == PASS
+
+    @property
+    def failed(self) -> bool:
+        return self.verdict == FAIL
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "verdict": self.verdict, "passed": self.passed, "message": self.message,
+                "seconds": self.seconds}
+
+
+def check(name: str, ok: bool, message: str) -> Check:
+    return Check(name, PASS if ok else FAIL, message)
+
+
+# ---------------------------------------------------------------------------------------------- accuracy
+
+
+@dataclass
+class ParityCriteria:
+    """The thresholds of one precision. `error_floor` is relative to the output's magnitude."""
+
+    min_agreement: float
+    max_f1_delta: float
+    error_margin: float
+    error_floor: float
+
+
+def criteria(cfg: VerifyConfig, precision: str) -> ParityCriteria:
+    if precision == "fp32":
+        return ParityCriteria(cfg.min_argmax_agreement, cfg.max_f1_delta, cfg.error_margin, cfg.error_floor)
+    return ParityCriteria(cfg.fp16_min_argmax_agreement, cfg.fp16_max_f1_delta, cfg.error_margin, cfg.fp16_error_floor)
+
+
+def output_error(out: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """Max and mean |out - reference|, the output's scale (max |reference|) and the max error relative to it."""
+    diff = np.abs(np.asarray(out, np.float64) - np.asarray(reference, np.float64))
+    scale = float(np.abs(reference).max()) if np.size(reference) else 0.0
+    max_abs = float(diff.max()) if diff.size else 0.0
+    scaled = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+    if not np.isfinite(out).all():
+        max_abs = scaled = math.inf
+    return {"max_abs": max_abs, "mean_abs": float(diff.mean()) if diff.size else 0.0, "scale": scale, "scaled": scaled}
 
 
 @dataclass
 class AccuracyResult:
     precision: str
-    argmax_agreement: float
-    f1_torch: float | None  # None: no labels (the run's data is not available)
+    argmax_agreement: float  # fused engine vs its reference
+    f1_torch: float | None  # macro-F1 of the reference's predictions; None: no labels (the run's data is absent)
     f1_engine: float | None
-    f1_delta: float | None
+    f1_delta: float | None  # |f1_engine - f1_torch|
     max_abs_error: float
-    max_rel_error: float
     mean_abs_error: float
-    atol: float
-    rtol: float
+    output_scale: float  # max |reference logit|
+    scaled_error: float  # max_abs_error / output_scale
+    original_argmax_agreement: float  # original engine vs its reference, the same inputs
+    original_f1_delta: float | None
+    original_max_abs_error: float
+    original_scaled_error: float
+    baseline_valid: bool  # the original engine meets the agreement and F1 thresholds itself
+    error_limit: float  # on scaled_error
+    error_margin: float
+    error_floor: float
+    min_agreement: float
+    max_f1_delta: float
     output_error_passed: bool
     executed_as: str = ""
 
 
-def tolerances(cfg: VerifyConfig, precision: str) -> dict[str, float]:
-    if precision == "fp32":
-        return {"atol": cfg.atol, "rtol": cfg.rtol, "min_agreement": cfg.min_argmax_agreement, "max_f1_delta": cfg.max_f1_delta}
-    return {"atol": cfg.fp16_atol, "rtol": cfg.fp16_rtol, "min_agreement": cfg.fp16_min_argmax_agreement,
-            "max_f1_delta": cfg.fp16_max_f1_delta}
-
-
-def compare_outputs(engine_out: np.ndarray, reference: np.ndarray, atol: float, rtol: float,
-                    output_name: str = "logits") -> dict[str, Any]:
-    """Polygraphy's SimpleCompareFunc, elementwise mode: an element fails when it exceeds BOTH atol and
-    rtol (relative to the reference); also returns its max/mean absolute and max relative errors."""
-    from polygraphy.comparator import IterationResult, SimpleCompareFunc
-
-    with quiet_polygraphy():
-        result = SimpleCompareFunc(atol=atol, rtol=rtol, check_error_stat="elemwise")(
-            IterationResult({output_name: engine_out}, runner_name="engine"),
-            IterationResult({output_name: reference}, runner_name="torch"),
-        )[output_name]
-    return {"passed": bool(result), "max_abs_error": float(result.max_absdiff),
-            "max_rel_error": float(result.max_reldiff), "mean_abs_error": float(result.mean_absdiff)}
-
-
-def accuracy_parity(engine_out: np.ndarray, torch_out: np.ndarray, y: np.ndarray | None, precision: str,
-                    cfg: VerifyConfig) -> tuple[AccuracyResult, list[Check]]:
-    """Without labels (y None) there is no F1: the f1_delta check is left out, not passed."""
-    tol = tolerances(cfg, precision)
-    pred_e, pred_t = engine_out.argmax(axis=1), torch_out.argmax(axis=1)
-    agreement = float(np.mean(pred_e == pred_t))
-    f1_e, f1_t = (None, None) if y is None else (macro_f1(y, pred_e), macro_f1(y, pred_t))
-    cmp = compare_outputs(engine_out, torch_out, tol["atol"], tol["rtol"])
-    res = AccuracyResult(precision, agreement, f1_t, f1_e, None if y is None else abs(f1_e - f1_t), cmp["max_abs_error"],
-                         cmp["max_rel_error"], cmp["mean_abs_error"], tol["atol"], tol["rtol"], cmp["passed"])
+def accuracy_parity(engine_out: np.ndarray, reference_out: np.ndarray, original_engine_out: np.ndarray,
+                    original_reference_out: np.ndarray, y: np.ndarray | None, precision: str,
+                    crit: ParityCriteria, prefix: str = "accuracy") -> tuple[AccuracyResult, list[Check]]:
+    """Argmax agreement and |F1 delta| against the thresholds, and the scaled output error against the
+    original engine's (used as the baseline only when the original engine meets the thresholds itself, so
+    a broken original cannot excuse a broken fused engine). Without labels (y None) there is no F1: the
+    f1_delta check is left out, not passed."""
+    pred_e, pred_r = engine_out.argmax(axis=1), reference_out.argmax(axis=1)
+    agreement = float(np.mean(pred_e == pred_r))
+    pred_oe, pred_or = original_engine_out.argmax(axis=1), original_reference_out.argmax(axis=1)
+    o_agreement = float(np.mean(pred_oe == pred_or))
+    if y is None:
+        f1_e = f1_r = delta = o_delta = None
+    else:
+        f1_e, f1_r = macro_f1(y, pred_e), macro_f1(y, pred_r)
+        delta, o_delta = abs(f1_e - f1_r), abs(macro_f1(y, pred_oe) - macro_f1(y, pred_or))
+    err, o_err = output_error(engine_out, reference_out), output_error(original_engine_out, original_reference_out)
+    baseline_valid = (o_agreement >= crit.min_agreement and (o_delta is None or o_delta <= crit.max_f1_delta + 1e-12)
+                      and math.isfinite(o_err["scaled"]))
+    limit = (crit.error_margin * o_err["scaled"] if baseline_valid else 0.0) + crit.error_floor
+    res = AccuracyResult(precision, agreement, f1_r, f1_e, delta, err["max_abs"], err["mean_abs"],
+                         err["scale"], err["scaled"], o_agreement, o_delta, o_err["max_abs"], o_err["scaled"],
+                         baseline_valid, limit, crit.error_margin, crit.error_floor, crit.min_agreement,
+                         crit.max_f1_delta, err["scaled"] <= limit)
     n = len(pred_e)
+    same = lambda ok: "" if ok else "; the original engine misses it too: precision, not fusion"  # noqa: E731
+    o_delta_text = "n/a" if o_delta is None else f"{o_delta:.4f}"
+    baseline = (f"original engine {o_err['scaled']:.2g} (max |error| {o_err['max_abs']:.3g}): limit "
+                f"{crit.error_margin:g} x {o_err['scaled']:.2g} + {crit.error_floor:g} = {limit:.2g}" if baseline_valid else
+                f"the original engine is no baseline (agreement {o_agreement:.4f}, |F1 delta| {o_delta_text} miss the "
+                f"thresholds): limit the floor {crit.error_floor:g}")
     checks = [
-        Check(f"accuracy.{precision}.argmax_agreement", agreement >= tol["min_agreement"],
-              f"argmax agreement {agreement:.4f} ({int(round(agreement * n))}/{n}), required >= {tol['min_agreement']:g}"),
+        check(f"{prefix}.{precision}.argmax_agreement", agreement >= crit.min_agreement,
+              f"argmax agreement {agreement:.4f} ({int(round(agreement * n))}/{n}), required >= {crit.min_agreement:g} "
+              f"(original engine {o_agreement:.4f}{same(agreement >= crit.min_agreement or o_agreement >= crit.min_agreement)})"),
     ]
     if y is not None:
-        checks.append(Check(f"accuracy.{precision}.f1_delta", res.f1_delta <= tol["max_f1_delta"] + 1e-12,
-                            f"macro-F1 engine {f1_e:.4f} vs PyTorch {f1_t:.4f} (|delta| {res.f1_delta:.4f}), "
-                            f"allowed {tol['max_f1_delta']:g}"))
-    checks += [
-        Check(f"accuracy.{precision}.output_error", cmp["passed"],
-              f"max |engine - PyTorch| {cmp['max_abs_error']:.3g} (max rel {cmp['max_rel_error']:.3g}); Polygraphy "
-              f"elementwise check atol {tol['atol']:g}, rtol {tol['rtol']:g}"),
-    ]
+        checks.append(check(f"{prefix}.{precision}.f1_delta", delta <= crit.max_f1_delta + 1e-12,
+                            f"macro-F1 engine {f1_e:.4f} vs reference {f1_r:.4f} (|delta| {delta:.4f}), allowed "
+                            f"{crit.max_f1_delta:g} (original engine |delta| {o_delta_text})"))
+    checks.append(check(f"{prefix}.{precision}.output_error", res.output_error_passed,
+                        f"max |engine - reference| {err['max_abs']:.3g} = {err['scaled']:.2g} of max |logit| "
+                        f"{err['scale']:.3g}; " + baseline))
     return res, checks
+
+
+# ---------------------------------------------------------------------------------------------- latency
 
 
 def interleaved_timings(runners: dict[str, Runner], x: np.ndarray, warmup: int, iterations: int) -> dict[str, np.ndarray]:
@@ -123,68 +185,102 @@ def latency_stats(seconds: np.ndarray) -> dict[str, float]:
     return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(ms.mean()), "n": int(ms.size)}
 
 
+def median_ci(x: np.ndarray, confidence: float) -> tuple[float, float, float]:
+    """(median, low, high): the sample median and the distribution-free interval [x_(k), x_(n+1-k)]
+    (order statistics) for the population median, with the largest k whose coverage
+    1 - 2 P(Binomial(n, 1/2) <= k - 1) is at least `confidence`. (-inf, inf) when n is too small."""
+    x = np.sort(np.asarray(x, dtype=np.float64))
+    n = len(x)
+    if n == 0:
+        return math.nan, -math.inf, math.inf
+    tail, k, term, cum = (1.0 - confidence) / 2, 0, 1, 0  # term = C(n, j), exact integers
+    for j in range(n // 2 + 1):
+        cum += term
+        if cum / 2**n > tail:  # P(Bin <= j) too large: k = j + 1 would not cover
+            break
+        k = j + 1
+        term = term * (n - j) // (j + 1)
+    med = float(np.median(x))
+    return (med, float(x[k - 1]), float(x[n - k])) if k else (med, -math.inf, math.inf)
+
+
+def min_rounds(confidence: float) -> int:
+    """Fewest rounds for which `median_ci` has a bounded interval: 2 x 2^-n <= 1 - confidence."""
+    return math.ceil(1 - math.log2(1 - confidence))
+
+
 @dataclass
-class ControlNoise:
-    """How far two identical graphs' timings drift apart: the A'-vs-A median ratio and half the width of
-    its 95 % bootstrap interval (rounds resampled jointly, so the pairing within a round is kept)."""
+class LatencyVerdict:
+    """Ratios are fused/original (and control/original); the band and thresholds are fractions (0.05 = 5 %)."""
 
-    ratio: float
-    halfwidth: float
-
-    @property
-    def noise(self) -> float:
-        return max(abs(self.ratio - 1.0), self.halfwidth)
-
-
-def control_noise(original_s: np.ndarray, control_s: np.ndarray, resamples: int = 1000, seed: int = 0) -> ControlNoise:
-    a, c = np.asarray(original_s), np.asarray(control_s)
-    idx = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
-    boot = np.median(c[idx], axis=1) / np.median(a[idx], axis=1)
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    return ControlNoise(float(np.median(c) / np.median(a)), float((hi - lo) / 2))
-
-
-@dataclass
-class BandDecision:
-    requested: float
-    effective: float
-    widened: bool
-    noise: float  # the largest ControlNoise.noise over the batch sizes
+    verdict: str
     reason: str
+    short: str  # the reason in a few words, for the summary line
+    rounds: int
+    confidence: float
+    ratio: float  # median of the per-round ratios
+    ci: tuple[float, float]
+    control_ratio: float
+    control_ci: tuple[float, float]
+    resolution: float  # how far apart two identical graphs may time: max deviation of the control's CI
+    band: float  # requested
+    fail_threshold: float  # a fail needs the fused CI wholly above 1 + this
+    band_max: float
+    widened: bool  # fail_threshold > band (the machine is noisier than the band)
 
 
-def decide_band(requested: float, controls: dict[Any, ControlNoise], cap: float) -> BandDecision:
-    """The latency band to apply. Widened only when the A-vs-A control shows the machine is noisier than
-    the band allows: to NOISE_FACTOR x the control's noise, never past `cap` (nor below the request)."""
-    if not controls:
-        return BandDecision(requested, requested, False, 0.0, "no control measured")
-    worst_bs, worst = max(controls.items(), key=lambda kv: kv[1].noise)
-    noise = worst.noise
-    needed = NOISE_FACTOR * noise
-    seen = (f"control ratio {worst.ratio:.3f}, 95 % bootstrap interval +/-{100 * worst.halfwidth:.1f} % "
-            f"at batch {worst_bs}")
-    if needed <= requested:
-        return BandDecision(requested, requested, False, noise,
-                            f"two identical graphs agree within {100 * noise:.1f} % ({seen}): the requested band holds")
-    cap = max(cap, requested)
-    effective = min(needed, cap)
-    reason = (f"machine is noisy: two identical original graphs timed up to {100 * noise:.1f} % apart ({seen}); "
-              f"band widened from +/-{100 * requested:.2f} % to +/-{100 * effective:.2f} %")
-    if needed > cap:
-        reason += f" (capped at verify.latency_band_max; {NOISE_FACTOR:g} x noise would be +/-{100 * needed:.1f} %)"
-    return BandDecision(requested, effective, True, noise, reason)
+def latency_verdict(original_s: np.ndarray, fused_s: np.ndarray, control_s: np.ndarray, band: float,
+                    band_max: float, confidence: float) -> LatencyVerdict:
+    """pass / fail / inconclusive for one batch size from the per-round seconds of original (A), fused
+    (B) and control (A', a second instance of the original), index i being round i. See docs/verify.md.
 
-
-def latency_checks(ratios: dict[int, float], band: BandDecision, precision: str) -> list[Check]:
-    checks = []
-    for bs, r in ratios.items():
-        ok = abs(r - 1.0) <= band.effective
-        msg = (f"{precision} batch {bs}: median fused/original {r:.3f}, allowed 1 +/- {band.effective:.3f}"
-               + (f" (requested +/-{band.requested:.3f}; {band.reason})" if band.widened else ""))
-        if not ok and band.widened and band.effective >= band.requested and "capped" in band.reason:
-            msg += "; the machine is too noisy to conclude: rerun on an idle device"
-        checks.append(Check(f"latency.batch_{bs}", ok, msg))
-    return checks
+    pass:  the CI of median(B/A) lies below 1 + band, and the control's CI lies within 1 +/- band.
+    fail:  the CI of median(B/A) lies above 1 + t, t = max(band, NOISE_FACTOR x the control's deviation),
+           and t <= band_max. Faster than the original is never a failure (one-sided).
+    inconclusive: everything else (too few rounds, a control noisier than the band, a CI across 1 + band)."""
+    a, b, c = (np.asarray(t, dtype=np.float64) for t in (original_s, fused_s, control_s))
+    if not (len(a) == len(b) == len(c)):
+        raise ValueError("per-round timings must have one entry per round for each runner")
+    ok = (a > 0) & (b > 0) & (c > 0) & np.isfinite(a) & np.isfinite(b) & np.isfinite(c)
+    a, b, c = a[ok], b[ok], c[ok]
+    r_med, r_lo, r_hi = median_ci(np.log(b / a), confidence)
+    c_med, c_lo, c_hi = median_ci(np.log(c / a), confidence)
+    beta = math.log1p(band)
+    rho = max(abs(c_lo), abs(c_hi))  # log units; inf when unbounded
+    theta = max(beta, NOISE_FACTOR * rho)
+    ex = math.exp
+    v = LatencyVerdict(INCONCLUSIVE, "", "", len(a), confidence, ex(r_med), (ex(r_lo), ex(r_hi)), ex(c_med),
+                       (ex(c_lo), ex(c_hi)), math.expm1(rho), band, math.expm1(theta), band_max, theta > beta)
+    pct = f"{100 * confidence:g} %"
+    fused = f"fused/original {v.ratio:.3f} ({pct} CI {v.ci[0]:.3f}-{v.ci[1]:.3f})"
+    control = f"identical graphs (control) {v.control_ratio:.3f} ({v.control_ci[0]:.3f}-{v.control_ci[1]:.3f})"
+    if len(a) < min_rounds(confidence):
+        v.short = f"{len(a)} rounds are too few"
+        v.reason = (f"{len(a)} timed rounds cannot bound a {pct} interval (at least {min_rounds(confidence)} needed); "
+                    "raise --iterations")
+    elif r_lo > theta and v.fail_threshold <= band_max:
+        v.verdict = FAIL
+        v.short = f"fused slower than 1 + {v.fail_threshold:.3f}"
+        v.reason = (f"{fused}: the fused engine is slower than 1 + {v.fail_threshold:.3f}"
+                    + (f" (band widened from {band:.3f}: {control})" if v.widened else f"; {control}"))
+    elif r_hi <= beta and rho <= beta:
+        v.verdict = PASS
+        v.short = f"fused not slower than 1 + {band:g}"
+        v.reason = f"{fused} <= 1 + {band:g}; {control} within the band"
+        if r_hi < -beta:
+            v.reason += "; timed faster than the identical original: noise, not a gain"
+    elif rho > beta:
+        v.short = f"identical graphs timed up to {100 * v.resolution:.1f} % apart, band {100 * band:g} %"
+        v.reason = (f"the machine is too noisy for the +/-{100 * band:g} % band: {control}, up to "
+                    f"{100 * v.resolution:.1f} % apart; {fused}")
+        if r_lo > theta:
+            v.reason += f"; slower than 1 + {v.fail_threshold:.3f}, beyond verify.latency_band_max {band_max:g}"
+        v.reason += "; rerun on an idle device or with more --iterations"
+    else:
+        v.short = f"interval {v.ci[0]:.3f}-{v.ci[1]:.3f} neither below 1 + {band:g} nor above 1 + {v.fail_threshold:.3f}"
+        v.reason = (f"{fused} reaches past 1 + {band:g} but does not clear 1 + {v.fail_threshold:.3f}; "
+                    f"{control}; rerun with more --iterations")
+    return v
 
 
 def latency_input(X: np.ndarray, batch: int) -> np.ndarray:
@@ -193,11 +289,18 @@ def latency_input(X: np.ndarray, batch: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([X] * reps)[:batch])
 
 
-def junit_xml(checks: list[Check], suite: str, properties: dict[str, Any]) -> bytes:
-    failures = [c for c in checks if not c.passed]
-    root = ET.Element("testsuites", name="edgetool", tests=str(len(checks)), failures=str(len(failures)), errors="0")
+# ---------------------------------------------------------------------------------------------- JUnit
+
+
+def junit_xml(checks: list[Check], suite: str, properties: dict[str, Any],
+              warnings: tuple[str, ...] | list[str] = ()) -> bytes:
+    """One testcase per check: <failure> for fail, <skipped message=...> for inconclusive and warning."""
+    failures = [c for c in checks if c.failed]
+    skipped = [c for c in checks if c.verdict in (INCONCLUSIVE, WARNING)]
+    root = ET.Element("testsuites", name="edgetool", tests=str(len(checks)), failures=str(len(failures)), errors="0",
+                      skipped=str(len(skipped)))
     ts = ET.SubElement(root, "testsuite", name=suite, tests=str(len(checks)), failures=str(len(failures)), errors="0",
-                       skipped="0", time=f"{sum(c.seconds for c in checks):.3f}",
+                       skipped=str(len(skipped)), time=f"{sum(c.seconds for c in checks):.3f}",
                        timestamp=_dt.datetime.now().isoformat(timespec="seconds"), hostname=platform.node())
     props = ET.SubElement(ts, "properties")
     for k, v in properties.items():
@@ -205,9 +308,13 @@ def junit_xml(checks: list[Check], suite: str, properties: dict[str, Any]) -> by
     for c in checks:
         group, _, name = c.name.partition(".")
         tc = ET.SubElement(ts, "testcase", classname=f"{suite}.{group}", name=name or group, time=f"{c.seconds:.3f}")
-        if c.passed:
-            ET.SubElement(tc, "system-out").text = c.message
-        else:
+        if c.failed:
             ET.SubElement(tc, "failure", message=c.message, type="ParityFailure").text = c.message
+        elif c.verdict in (INCONCLUSIVE, WARNING):
+            ET.SubElement(tc, "skipped", message=f"{c.verdict}: {c.message}")
+        else:
+            ET.SubElement(tc, "system-out").text = c.message
+    if warnings:
+        ET.SubElement(ts, "system-err").text = "\n".join(f"warning: {w}" for w in warnings)
     ET.indent(root)
     return ET.tostring(root, encoding="utf-8", xml_declaration=True)

@@ -228,6 +228,11 @@ class Backend(ABC):
         this backend cannot run one directly."""
         return None
 
+    def runtime_graph(self, ed: EngineDir, graph: str, precision: str, out_dir: Path) -> Path | None:
+        """The graph as this backend will execute it, as an ONNX file written under `out_dir`, where the
+        backend exposes one (verify compares original and fused there too); None where it does not."""
+        return None
+
     def executed_as(self, precision: str) -> str:
         """How this backend actually computes a graph of `precision` (recorded next to its figures)."""
         return precision

@@ -135,6 +135,12 @@ class OnnxRuntimeBackend(Backend):
             raise EdgetoolError(f"{path} not found: ENGINE_DIR is incomplete; rerun `edgetool fuse-export`")
         return OnnxRuntimeRunner(path, graph, precision, self.providers, ed.input_name, ed.output_name)
 
+    def runtime_graph(self, ed: EngineDir, graph: str, precision: str, out_dir: Path) -> Path | None:
+        """The graph after this session's optimisations (same providers and options as the runners)."""
+        optimized = Path(out_dir) / f"{graph}.{precision}.{self.providers[0]}.optimized.onnx"
+        ort_session(ed.onnx(graph, precision), self.providers, optimized_model_path=optimized)
+        return optimized
+
     def file_runner(self, path: Path, name: str, ed: EngineDir) -> Runner:
         return OnnxRuntimeRunner(path, name, "fp32", self.providers, ed.input_name, ed.output_name)
 

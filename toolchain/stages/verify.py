@@ -1,19 +1,23 @@
-"""Stage `verify`: the fused model, as an engine, is as accurate as the fused PyTorch model and exactly
-as fast as the original model's engine.
+"""Stage `verify`: the fused model, as an engine, is as accurate as the fused PyTorch model (next to the
+original engine against the original model) and costs what the original model's engine costs.
 
-Checks (each one a JUnit testcase; any failure -> exit 1 naming it):
+Checks (each one a JUnit testcase; a failure -> exit 1 naming it):
+  integrity.<file>                       each exported file still has the sha256 fuse-export sealed
+                                         (--allow-modified: a warning instead)
   accuracy.<precision>.argmax_agreement  fused engine vs fused PyTorch on the target test split
   accuracy.<precision>.f1_delta          |macro-F1(engine) - macro-F1(PyTorch)|
-  accuracy.<precision>.output_error      Polygraphy's elementwise atol/rtol comparison of the logits
-  latency.batch_<n>                      median(fused) / median(original) within 1 +/- band
+  accuracy.<precision>.output_error      scaled error within error_margin x the original engine's + floor
+  structure.<precision>.graph_identical  original and fused graphs still node-for-node identical
+  structure.<precision>.runtime_graph_identical  ... and so are the graphs the backend will execute, where it
+                                         exposes them (ONNX Runtime's optimised graphs)
   structure.engine_layers_identical      (TensorRT) both engines' layers, precisions and tactics, layer by layer
-Precisions: what the backend runs (ONNX Runtime: the FP32 and the FP16 graph; TensorRT: FP16 engines),
-with the recipe's FP32 or FP16 tolerances.
+  latency.batch_<n>                      pass / fail / inconclusive (toolchain.parity.latency_verdict);
+                                         inconclusive never fails the run and is never called a pass
+Precisions: what the backend runs (ONNX Runtime: the FP32 and the FP16 graph; TensorRT: FP16 engines).
 
-
-The statistics and the latency band are in toolchain.parity.
-
-Outputs (atomic): ENGINE_DIR/verify_report.json, ENGINE_DIR/verify_junit.xml, and a terminal summary.
+Outputs: ENGINE_DIR/verify_report.json and verify_junit.xml, written together and only when every check
+ran (exit 0 or 1); a run that stops early (exit 2) leaves earlier reports in place. The report records
+the sha256 of the engine files it verified, so a reader can tell whether it describes the files there now.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from ..backends import select_backend
 from ..backends.base import BACKENDS, Backend, Runner
@@ -33,14 +38,16 @@ from ..backends.engine_inspect import compare_engine_layers
 from ..backends.timing import interleaved_rounds
 from ..backends.onnxruntime import ort_session
 from ..backends.pytorch import TorchRunner
-from ..enginedir import VERIFY_JUNIT, VERIFY_REPORT, EngineDir, changed_since_export, read_engine_dir
+from ..enginedir import (FUSE_REPORT, VERIFY_JUNIT, VERIFY_REPORT, EngineDir, changed_since_export, engine_file_hashes,
+                         integrity_problems, read_engine_dir)
 from ..errors import EdgetoolError, ParityError
 from ..export import compare_graph_structure, export_onnx
 from ..fusion import fuse_model
-from ..parity import (AccuracyResult, BandDecision, Check, ControlNoise, accuracy_parity, control_noise, decide_band,
-                      interleaved_timings, junit_xml, latency_checks, latency_input, latency_stats)
+from ..parity import (FAIL, INCONCLUSIVE, NOISE_FACTOR, PASS, WARNING, AccuracyResult, Check, LatencyVerdict,
+                      accuracy_parity, check, criteria, interleaved_timings, junit_xml, latency_input, latency_stats,
+                      latency_verdict)
 from ..recipe import VerifyConfig
-from ..rundir import evaluation_inputs, load_run
+from ..rundir import AdaptedRun, evaluation_inputs, load_run
 
 # One intra-op thread while timing eager PyTorch: its OpenMP pool spin-waits, and on a loaded machine a
 # multi-thread pool drowned the difference being measured. Both models get the same setting; restored after.
@@ -66,15 +73,26 @@ def _unfused_onnx(adapted, sample: np.ndarray, opset: int, tmp: Path) -> tuple[P
         return None, 0, f"not exportable to ONNX: {type(exc).__name__}: {first[:200]}"
 
 
-def structure_checks(ed: EngineDir) -> list[Check]:
+def structure_checks(ed: EngineDir, backend: Backend) -> list[Check]:
     """Latency parity rests on original and fused being the same graph. fuse-export proved it when it
-    wrote them; prove it again on the files verify times, since files in ENGINE_DIR can be swapped."""
+    wrote them; prove it again on the files verify times, and on the graphs the backend will execute
+    where it exposes them (ONNX Runtime's optimised graphs), since a runtime's choices follow the graph."""
     checks = []
+    same = "same nodes, attributes, I/O and initializer names/shapes/dtypes"
     for precision in ("fp32", "fp16"):
         rep = compare_graph_structure(ed.onnx("original", precision), ed.onnx("fused", precision))
-        msg = ("original and fused graphs: same nodes, attributes, I/O and initializer names/shapes/dtypes"
-               if rep.identical else "; ".join(rep.differences[:3]))
-        checks.append(Check(f"structure.{precision}.graph_identical", rep.identical, msg))
+        msg = f"original and fused graphs: {same}" if rep.identical else "; ".join(rep.differences[:3])
+        checks.append(check(f"structure.{precision}.graph_identical", rep.identical, msg))
+    with tempfile.TemporaryDirectory() as tmp:
+        for precision in backend.accuracy_precisions():
+            paths = [backend.runtime_graph(ed, g, precision, Path(tmp)) for g in ("original", "fused")]
+            if None in paths:
+                continue
+            rep = compare_graph_structure(*paths)
+            n = len(onnx.load(str(paths[0])).graph.node)
+            msg = (f"as {backend.name} will run them ({n} nodes after its optimisations): {same}" if rep.identical
+                   else f"{backend.name} optimises original and fused differently: " + "; ".join(rep.differences[:3]))
+            checks.append(check(f"structure.{precision}.runtime_graph_identical", rep.identical, msg))
     return checks
 
 
@@ -93,7 +111,9 @@ def engine_structure_checks(backend: Backend, ed: EngineDir, batch_sizes: tuple[
         f"original and fused engines: {compared[batch_sizes[0]].summary()}, at batch {', '.join(map(str, batch_sizes))}")
     figures = {str(bs): {"identical": c.identical, "layers": list(c.layers), "precisions": c.precisions,
                          "differences": c.differences} for bs, c in compared.items()}
-    return [Check("structure.engine_layers_identical", not problems, msg, time.perf_counter() - t0)], figures
+    c = check("structure.engine_layers_identical", not problems, msg)
+    c.seconds = time.perf_counter() - t0
+    return [c], figures
 
 
 def _timed_rounds(runners: dict[str, Runner], x: np.ndarray, cfg: VerifyConfig) -> dict[str, np.ndarray]:
@@ -111,15 +131,36 @@ def _timing_context(backend: Backend, runners: dict[str, Runner], ed: EngineDir,
             "latency_crosscheck": backend.latency_crosscheck(ed, batch_sizes, echo)}
 
 
-def _accuracy_phase(backend: Backend, ed: EngineDir, batch_sizes: tuple[int, ...], test, torch_out: np.ndarray, cfg: VerifyConfig,
-                    echo) -> tuple[dict[str, AccuracyResult], list[Check]]:
+def integrity_checks(ed: EngineDir, hashes: dict[str, str], allow_modified: bool) -> list[Check]:
+    """One check per exported file: its sha256 is the one fuse-export sealed. Fails closed (a file with
+    no recorded hash fails too); --allow-modified turns a mismatch into a warning."""
+    problems = integrity_problems(ed, hashes)
+    checks = []
+    for name in hashes:
+        if name not in problems:
+            checks.append(Check(f"integrity.{name}", PASS, f"{name}: sha256 {hashes[name][:12]} as sealed in {FUSE_REPORT}"))
+        elif allow_modified:
+            checks.append(Check(f"integrity.{name}", WARNING, f"{problems[name]}; allowed by --allow-modified"))
+        else:
+            checks.append(Check(f"integrity.{name}", FAIL, f"{problems[name]}: these are not the files fuse-export "
+                                "proved; rerun `edgetool fuse-export`, or pass --allow-modified if you edited it on purpose"))
+    return checks
+
+
+def _accuracy_phase(backend: Backend, ed: EngineDir, batch_sizes: tuple[int, ...], test, torch_out: dict[str, np.ndarray],
+                    cfg: VerifyConfig, echo) -> tuple[dict[str, AccuracyResult], list[Check]]:
+    """Per precision: the fused engine against the fused PyTorch model, next to the original engine against
+    the original PyTorch model on the same inputs (the baseline of the output-error check)."""
     accuracy: dict[str, AccuracyResult] = {}
     checks: list[Check] = []
     for precision in backend.accuracy_precisions():
         t0 = time.perf_counter()
-        with backend.runner(ed, "fused", precision, batch_sizes, echo) as r:
-            engine_out = r.infer_batched(test.X, max(batch_sizes))
-        res, cks = accuracy_parity(engine_out, torch_out, test.y, precision, cfg)
+        out = {}
+        for graph in ("fused", "original"):
+            with backend.runner(ed, graph, precision, batch_sizes, echo) as r:
+                out[graph] = r.infer_batched(test.X, max(batch_sizes))
+        res, cks = accuracy_parity(out["fused"], torch_out["fused"], out["original"], torch_out["original"], test.y,
+                                   precision, criteria(cfg, precision))
         res.executed_as = backend.executed_as(precision)
         for c in cks:
             c.seconds = (time.perf_counter() - t0) / len(cks)
@@ -129,12 +170,13 @@ def _accuracy_phase(backend: Backend, ed: EngineDir, batch_sizes: tuple[int, ...
 
 
 def _latency_phase(backend: Backend, ed: EngineDir, X: np.ndarray, batch_sizes: tuple[int, ...], cfg: VerifyConfig,
-                   echo) -> tuple[dict[str, Any], BandDecision, list[Check]]:
-    """Original (A), fused (B) and control (A', a second instance of the original) interleaved."""
+                   echo) -> tuple[dict[str, Any], list[Check]]:
+    """Original (A), fused (B) and control (A', a second instance of the original) interleaved; one
+    verdict per batch size from the per-round seconds."""
     precision = backend.latency_precision()
     latency_ms: dict[str, dict[str, dict[str, float]]] = {"original": {}, "fused": {}, "control": {}}
-    ratios: dict[int, float] = {}
-    control: dict[int, ControlNoise] = {}
+    rounds_ms: dict[str, dict[str, list[float]]] = {}
+    verdicts: dict[int, LatencyVerdict] = {}
     t0 = time.perf_counter()
     runners = {"original": backend.runner(ed, "original", precision, batch_sizes, echo),
                "fused": backend.runner(ed, "fused", precision, batch_sizes, echo),
@@ -146,35 +188,33 @@ def _latency_phase(backend: Backend, ed: EngineDir, X: np.ndarray, batch_sizes: 
             times = _timed_rounds(runners, latency_input(X, bs), cfg)
             for n, t in times.items():
                 latency_ms[n][str(bs)] = latency_stats(t)
-            ratios[bs] = latency_ms["fused"][str(bs)]["p50"] / latency_ms["original"][str(bs)]["p50"]
-            control[bs] = control_noise(times["original"], times["control"])
+            rounds_ms[str(bs)] = {n: [round(float(v) * 1e3, 6) for v in t] for n, t in times.items()}
+            verdicts[bs] = latency_verdict(times["original"], times["fused"], times["control"], cfg.latency_band,
+                                           cfg.latency_band_max, cfg.latency_confidence)
         context = _timing_context(backend, runners, ed, batch_sizes, echo)
     finally:
         for r in runners.values():
             r.deactivate()
-    band = decide_band(cfg.latency_band, control, cfg.latency_band_max)
-    checks = latency_checks(ratios, band, precision)
+    checks = [Check(f"latency.batch_{bs}", v.verdict, f"{precision} batch {bs}: {v.reason}") for bs, v in verdicts.items()]
     for c in checks:
         c.seconds = (time.perf_counter() - t0) / len(checks)
     figures = {
         "latency_precision": precision,
         "latency_ms": latency_ms,
-        "latency_ratio": {str(b): r for b, r in ratios.items()},
-        "latency_control": {str(b): {"ratio": c.ratio, "bootstrap_halfwidth": c.halfwidth, "noise": c.noise}
-                            for b, c in control.items()},
-        "latency_band": {"requested": band.requested, "effective": band.effective, "widened": band.widened,
-                         "noise": band.noise, "reason": band.reason, "max": cfg.latency_band_max},
+        "latency_ratio": {str(b): v.ratio for b, v in verdicts.items()},
+        "latency_verdict": {str(b): asdict(v) for b, v in verdicts.items()},
+        "latency_band": {"requested": cfg.latency_band, "max": cfg.latency_band_max,
+                         "confidence": cfg.latency_confidence, "noise_factor": NOISE_FACTOR},
+        "latency_rounds_ms": rounds_ms,
         **context,
     }
-    return figures, band, checks
+    return figures, checks
 
 
 def _nodes_after_ort_folding(path: Path, tmp: Path) -> int:
     """Node count of `path` after ONNX Runtime's basic (constant-folding) optimisations: it folds an
     adapter whose factors are constants back into the conv weights at session load, which is why the
     unfused graph costs about the same as the fused one on ONNX Runtime (eager PyTorch has no such pass)."""
-    import onnx
-
     optimized = tmp / f"{path.stem}.ort-basic.onnx"
     ort_session(path, optimization="basic", optimized_model_path=optimized)
     return len(onnx.load(str(optimized)).graph.node)
@@ -185,8 +225,6 @@ def _unfused_phase(adapted, fused, backend: Backend, ed: EngineDir, X: np.ndarra
     """What fusion saved: the unfused adapted model against the fused one, in the same runtime each
     (eager PyTorch; ONNX Runtime FP32 when the unfused model exports). Informational, no check, so
     fewer runs: eager PyTorch at the recipe batch is the slowest thing verify times."""
-    import onnx
-
     iters = min(cfg.unfused_iterations, cfg.iterations)
     ms: dict[str, dict[str, Any]] = {"torch": {}, "onnxruntime": {}}
     ratio: dict[str, dict[str, float] | None] = {"torch": {}, "onnxruntime": {}}
@@ -228,24 +266,36 @@ def _unfused_phase(adapted, fused, backend: Backend, ed: EngineDir, X: np.ndarra
             "torch_threads": TORCH_TIMING_THREADS}
 
 
+def _warnings(run: AdaptedRun, cfg: VerifyConfig) -> list[str]:
+    """What the user should know that no check decides."""
+    out = []
+    before, after = run.metrics.get("f1_before"), run.metrics.get("f1_after")
+    if isinstance(before, (int, float)) and isinstance(after, (int, float)) and after < before:
+        out.append(f"adaptation lowered the target macro-F1 ({before:.3f} -> {after:.3f}, {run.path / 'metrics.json'}): "
+                   "the fused engine matches an adapted model that is worse than the original on the target test split")
+    unused = cfg.unused_fields()
+    if unused:
+        out.append(f"recipe field(s) {', '.join('verify.' + f for f in unused)} are no longer used: output error is "
+                   "judged against the original engine's (verify.error_margin, error_floor, fp16_error_floor)")
+    return out
+
+
 def verify(engine_dir: Path | str, engine: str = "auto", echo=print, iterations: int | None = None,
-           warmup: int | None = None, trt_build: str | None = None,
-           inputs: Path | str | None = None) -> dict[str, Any]:
+           warmup: int | None = None, trt_build: str | None = None, inputs: Path | str | None = None,
+           allow_modified: bool = False) -> dict[str, Any]:
     """Run every check, write verify_report.json and verify_junit.xml, print a summary; returns the report.
-    Raises ParityError (exit 1) naming the failed checks, EdgetoolError (exit 2) for bad input/environment.
-    `trt_build`: how TensorRT builds its engines (toolchain.backends.trtplan.BUILD_MODES). Without the run's
-    data, checks run on seeded random windows plus `inputs` (an .npz with `X`)."""
+    Raises ParityError (exit 1) naming the failed checks, EdgetoolError (exit 2) for bad input/environment
+    (then no report is written, and earlier ones stay). `trt_build`: how TensorRT builds its engines
+    (toolchain.backends.trtplan.BUILD_MODES). Without the run's data, checks run on seeded random windows plus
+    `inputs` (an .npz with `X`)."""
     t_start = time.perf_counter()
     engine_dir = Path(engine_dir)
-    if engine_dir.is_dir():
-        # Reports left from an earlier run must not stand for this one if it stops early (exit 2), whatever
-        # stops it (an incomplete ENGINE_DIR included): a CI collector reads the JUnit file regardless.
-        if not os.access(engine_dir, os.W_OK | os.X_OK):
-            raise EdgetoolError(f"ENGINE_DIR {engine_dir} is not writable (verify writes {VERIFY_REPORT} and "
-                                f"{VERIFY_JUNIT} there)")
-        for stale in (VERIFY_REPORT, VERIFY_JUNIT):
-            (engine_dir / stale).unlink(missing_ok=True)
+    if engine_dir.is_dir() and not os.access(engine_dir, os.W_OK | os.X_OK):
+        raise EdgetoolError(f"ENGINE_DIR {engine_dir} is not writable (verify writes {VERIFY_REPORT} and "
+                            f"{VERIFY_JUNIT} there)")
     ed = read_engine_dir(engine_dir)
+    hashes = engine_file_hashes(ed)
+    checks = integrity_checks(ed, hashes, allow_modified)
     backend, selection = select_backend(engine)
     _log(echo, f"engine: {backend.name} ({selection})")
     _apply_trt_build(backend, trt_build, echo)
@@ -263,33 +313,32 @@ def verify(engine_dir: Path | str, engine: str = "auto", echo=print, iterations:
     for note in test.notes:
         _log(echo, f"note: {note}")
     if inputs is not None and run.data is not None:
-        _log(echo, "note: --inputs not used: the run's data is here, so the target test split is")
+        _log(echo, "note: --inputs not used: the run's data is here, so verify checks on its target test split")
     if tuple(test.X.shape[1:]) != ed.input_shape:
         raise EdgetoolError(f"the run's target data is shaped {tuple(test.X.shape[1:])} but the engines expect "
                             f"{ed.input_shape}: ENGINE_DIR was exported from another run")
+    warnings = _warnings(run, cfg) + [c.message for c in checks if c.verdict == WARNING]
     adapted = run.adapted.eval()
     fused = fuse_model(run.method, run.adapted)
-    with TorchRunner(fused, "fused PyTorch", "fused") as r:
-        torch_out = r.infer_batched(test.X, max(batch_sizes))
+    torch_out = {}
+    for graph, model in (("fused", fused), ("original", run.original)):
+        with TorchRunner(model, f"{graph} PyTorch", graph) as r:
+            torch_out[graph] = r.infer_batched(test.X, max(batch_sizes))
 
     phase_seconds = {"load": time.perf_counter() - t_start}
-    accuracy, checks = _accuracy_phase(backend, ed, batch_sizes, test, torch_out, cfg, echo)
-    checks += structure_checks(ed)
+    accuracy, acc_checks = _accuracy_phase(backend, ed, batch_sizes, test, torch_out, cfg, echo)
+    checks += acc_checks + structure_checks(ed, backend)
     engine_checks, engine_layers = engine_structure_checks(backend, ed, batch_sizes, echo)
     checks += engine_checks
     phase_seconds["accuracy"] = time.perf_counter() - t_start - sum(phase_seconds.values())
-    latency, band, lat_checks = _latency_phase(backend, ed, test.X, batch_sizes, cfg, echo)
+    latency, lat_checks = _latency_phase(backend, ed, test.X, batch_sizes, cfg, echo)
     checks += lat_checks
-    if band.widened:
-        _log(echo, f"note: {band.reason}")
     phase_seconds["latency"] = time.perf_counter() - t_start - sum(phase_seconds.values())
     unfused = _unfused_phase(adapted, fused, backend, ed, test.X, batch_sizes, cfg, echo)
     phase_seconds["unfused"] = time.perf_counter() - t_start - sum(phase_seconds.values())
 
-    failed = [c.name for c in checks if not c.passed]
-    changed = changed_since_export(ed)
-    if changed:
-        _log(echo, f"note: {', '.join(changed)} changed since fuse-export wrote fuse_report.json")
+    failed = [c.name for c in checks if c.failed]
+    inconclusive = [c.name for c in checks if c.verdict == INCONCLUSIVE]
     # The headline figures are those of the precision the backend deploys (the one whose latency is timed).
     headline = accuracy.get(latency["latency_precision"]) or next(iter(accuracy.values()))
     report: dict[str, Any] = {
@@ -298,7 +347,10 @@ def verify(engine_dir: Path | str, engine: str = "auto", echo=print, iterations:
         "backend": backend.describe(),
         "precision": headline.precision,
         "passed": not failed,
+        "verdict": "failed" if failed else ("passed, latency inconclusive" if inconclusive else "passed"),
         "failed_checks": failed,
+        "inconclusive_checks": inconclusive,
+        "warnings": warnings,
         "argmax_agreement": headline.argmax_agreement,
         "f1_torch": headline.f1_torch,
         "f1_engine": headline.f1_engine,
@@ -316,18 +368,22 @@ def verify(engine_dir: Path | str, engine: str = "auto", echo=print, iterations:
         "test_windows": len(test),
         "data_available": test.data_available,
         "inputs": test.counts,
-        "changed_since_export": changed,
-        "checks": [asdict(c) for c in checks],
+        # What this report describes: compare with the files in ENGINE_DIR now.
+        "engine_files": hashes,
+        "allow_modified": allow_modified,
+        "changed_since_export": changed_since_export(ed, hashes),
+        "checks": [c.as_dict() for c in checks],
         "engine_dir": str(ed.path.resolve()),
         "run_dir": str(ed.run_dir),
         "seconds": time.perf_counter() - t_start,
         "phase_seconds": phase_seconds,
     }
     ed.write_verify_reports(report, junit_xml(checks, "edgetool.verify", {
-        "engine": backend.name, "precision": headline.precision, "engine_dir": str(ed.path.resolve())}))
+        "engine": backend.name, "precision": headline.precision, "engine_dir": str(ed.path.resolve()),
+        "verdict": report["verdict"], **{f"sha256.{f}": h for f, h in hashes.items()}}, warnings))
     _log(echo, summary(report, checks, ed.path))
     if failed:
-        first = next(c for c in checks if not c.passed)
+        first = next(c for c in checks if c.failed)
         raise ParityError(f"parity check failed: {', '.join(failed)} ({first.message}); see {ed.report_path}")
     return report
 
@@ -342,27 +398,37 @@ def _apply_trt_build(backend: Backend, trt_build: str | None, echo) -> None:
 
 
 def summary(report: dict[str, Any], checks: list[Check], engine_dir: Path) -> str:
+    word = {PASS: "PASS", FAIL: "FAIL", INCONCLUSIVE: "INCONCLUSIVE", WARNING: "WARNING"}
     lines = []
+    integrity = [c for c in checks if c.name.startswith("integrity.")]
+    if all(c.passed for c in integrity):
+        lines.append(f"integrity: {', '.join(c.name.split('.', 1)[1] for c in integrity)} as fuse-export sealed them  PASS")
+    for c in integrity:
+        if not c.passed:
+            lines.append(f"integrity {c.name.split('.', 1)[1]}: {c.message}  {word[c.verdict]}")
     for c in checks:
         if c.name.startswith("structure."):
-            lines.append(f"structure {c.name.split('.')[1]}: {c.message}  {'PASS' if c.passed else 'FAIL'}")
+            runtime = " (runtime)" if "runtime_graph" in c.name else ""
+            lines.append(f"structure {c.name.split('.')[1]}{runtime}: {c.message}  {word[c.verdict]}")
     for p, a in report["accuracy"].items():
         ok = all(c.passed for c in checks if c.name.startswith(f"accuracy.{p}."))
         f1 = ("macro-F1 n/a (no labelled data)" if a["f1_torch"] is None
               else f"macro-F1 PyTorch {a['f1_torch']:.3f} engine {a['f1_engine']:.3f}")
-        lines.append(f"accuracy {p}: argmax agreement {a['argmax_agreement']:.3f}, {f1}, max |error| {a['max_abs_error']:.2g} (atol {a['atol']:g}, "
-                     f"rtol {a['rtol']:g})  {'PASS' if ok else 'FAIL'}")
-    band = report["latency_band"]
+        lines.append(f"accuracy {p}: argmax agreement {a['argmax_agreement']:.3f} (original engine "
+                     f"{a['original_argmax_agreement']:.3f}), {f1}, max |error| {a['max_abs_error']:.2g} = "
+                     f"{a['scaled_error']:.2g} of max |logit| (original engine {a['original_scaled_error']:.2g}; "
+                     f"limit {a['error_limit']:.2g})  {'PASS' if ok else 'FAIL'}")
     for c in checks:
         if not c.name.startswith("latency."):
             continue
         bs = c.name.split("_")[-1]
-        o, f = report["latency_ms"]["original"][bs], report["latency_ms"]["fused"][bs]
-        lines.append(f"latency {report['latency_precision']} batch {bs}: original p50/p90/p99 {o['p50']:.3f}/{o['p90']:.3f}/"
-                     f"{o['p99']:.3f} ms, fused {f['p50']:.3f}/{f['p90']:.3f}/{f['p99']:.3f} ms, ratio "
-                     f"{report['latency_ratio'][bs]:.3f} (band +/-{100 * band['effective']:.2f} %"
-                     f"{', widened' if band['widened'] else ''}; control {report['latency_control'][bs]['ratio']:.3f})  "
-                     f"{'PASS' if c.passed else 'FAIL'}")
+        o, f, v = report["latency_ms"]["original"][bs], report["latency_ms"]["fused"][bs], report["latency_verdict"][bs]
+        conf = f"{100 * v['confidence']:g} %"
+        lines.append(f"latency {report['latency_precision']} batch {bs}: p50 original {o['p50']:.3f} ms, fused "
+                     f"{f['p50']:.3f} ms; fused/original {v['ratio']:.3f} ({conf} CI {v['ci'][0]:.3f}-{v['ci'][1]:.3f}), "
+                     f"control {v['control_ratio']:.3f} ({v['control_ci'][0]:.3f}-{v['control_ci'][1]:.3f}); "
+                     f"band +{100 * v['band']:g} %  {word[c.verdict]}"
+                     + ("" if c.verdict == PASS else f" ({v['short']})"))
     saved = []
     for rt, ratios in report["unfused_latency_ratio"].items():
         if ratios:
@@ -374,7 +440,15 @@ def summary(report: dict[str, Any], checks: list[Check], engine_dir: Path) -> st
                   f"{u['fused_nodes_after_ort_folding']})"
                   if "unfused_nodes_after_ort_folding" in u else "")
         lines.append("unfused adapted / fused median latency: " + "; ".join(saved) + folded)
-    n_fail = len(report["failed_checks"])
-    verdict = "PASSED" if not n_fail else f"FAILED ({n_fail} of {len(checks)}: {', '.join(report['failed_checks'])})"
+    lines += [f"warning: {w}" for w in report["warnings"]]
+    failed, open_ = report["failed_checks"], report["inconclusive_checks"]
+    if failed:
+        verdict = f"FAILED ({len(failed)} of {len(checks)}: {', '.join(failed)})"
+    elif open_:
+        first = report["latency_verdict"][open_[0].split("_")[-1]]["short"]
+        verdict = (f"PASSED (latency inconclusive at batch {', '.join(n.split('_')[-1] for n in open_)}: {first}; "
+                   "not a latency pass)")
+    else:
+        verdict = "PASSED"
     lines.append(f"{verdict}: {len(checks)} checks -> {engine_dir / VERIFY_REPORT}, {engine_dir / VERIFY_JUNIT}")
     return "\n".join(lines)

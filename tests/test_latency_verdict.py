@@ -1,0 +1,231 @@
+"""The latency verdict (toolchain.parity.latency_verdict) on synthetic, seeded per-round timings.
+
+Identical-by-construction graphs (original, fused and control drawn from one distribution) under
+multiplicative noise, heavy tails, drift, stalls, a loaded machine, position effects and instance effects
+must never FAIL, over many seeds and round counts; a fused engine 20 % slower on a quiet machine must FAIL,
+and a slow fused engine must never PASS, however noisy the machine. Then the end-to-end wiring: verify's
+exit code and reports for each verdict, with stand-in timings in place of the runners' clocks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from toolchain.cli import main
+from toolchain.parity import FAIL, INCONCLUSIVE, PASS, Check, junit_xml, latency_verdict, median_ci, min_rounds
+
+BAND, BAND_MAX, CONF = 0.05, 0.5, 0.99
+ROUNDS = (8, 20, 50, 200)
+SEEDS = range(60)
+T0 = 1e-3  # seconds per inference
+
+
+def _noise(model: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Multiplicative factors for n rounds x 3 runs (original, fused, control), column = runner."""
+    shape = (n, 3)
+    if model == "quiet":
+        return np.exp(0.01 * rng.standard_normal(shape))
+    if model == "multiplicative":
+        return np.exp(0.2 * rng.standard_normal(shape))
+    if model == "heavy_tails":  # Student t with 1.5 degrees of freedom: infinite variance
+        return np.exp(0.1 * rng.standard_t(1.5, shape))
+    if model == "stalls":  # 5 % of runs preempted for 5-50 x their time
+        return np.exp(0.05 * rng.standard_normal(shape)) * np.where(rng.random(shape) < 0.05, rng.uniform(5, 50, shape), 1)
+    if model == "loaded":  # half the runs preempted for 2-10 x: bimodal
+        return np.exp(0.1 * rng.standard_normal(shape)) * np.where(rng.random(shape) < 0.5, rng.uniform(2, 10, shape), 1)
+    if model == "drift":  # per run in time order (round-robin rotation): a 3x ramp and a +/-50 % wave
+        slot = np.empty(shape)
+        for i in range(n):
+            k = i % 3
+            order = [0, 1, 2][k:] + [0, 1, 2][:k]
+            for pos, runner in enumerate(order):
+                slot[i, runner] = 3 * i + pos
+        u = slot / (3 * n)
+        return (1 + 2 * u) * (1 + 0.5 * np.sin(2 * np.pi * 3.3 * u)) * np.exp(0.03 * rng.standard_normal(shape))
+    if model == "position":  # whoever runs first in a round is 30 % slower (cold caches)
+        first = np.array([[i % 3 == r for r in range(3)] for i in range(n)])  # rotation: runner i%3 starts round i
+        return np.where(first, 1.3, 1.0) * np.exp(0.02 * rng.standard_normal(shape))
+    raise ValueError(model)
+
+
+NOISE_MODELS = ("quiet", "multiplicative", "heavy_tails", "stalls", "loaded", "drift", "position")
+
+
+def _timings(model: str, n: int, seed: int, slowdown: float = 1.0, instance=(1.0, 1.0, 1.0)):
+    z = _noise(model, n, np.random.default_rng([seed, n, NOISE_MODELS.index(model)]))
+    t = T0 * z * np.array(instance)
+    return t[:, 0], t[:, 1] * slowdown, t[:, 2]
+
+
+def _verdicts(model, slowdown=1.0, rounds=ROUNDS, seeds=SEEDS, instance=(1.0, 1.0, 1.0)):
+    return [latency_verdict(*_timings(model, n, s, slowdown, instance), BAND, BAND_MAX, CONF)
+            for n in rounds for s in seeds]
+
+
+# ------------------------------------------------------------------------------------ the promises
+
+
+@pytest.mark.parametrize("model", NOISE_MODELS)
+def test_identical_graphs_never_fail_under_noise(model):
+    verdicts = _verdicts(model)
+    assert not [v for v in verdicts if v.verdict == FAIL], [v.reason for v in verdicts if v.verdict == FAIL][:3]
+    assert {v.verdict for v in verdicts} <= {PASS, INCONCLUSIVE}
+
+
+def test_identical_graphs_on_a_quiet_machine_pass():
+    """Never failing is not the same as never saying anything: a quiet machine resolves the band."""
+    verdicts = _verdicts("quiet", rounds=(20, 200))
+    assert all(v.verdict == PASS for v in verdicts), [v.reason for v in verdicts if v.verdict != PASS][:3]
+
+
+def test_a_fused_instance_timed_faster_is_noise_not_a_failure():
+    """The reported flap: identical graphs, fused timed 0.6x the original while the control stayed at 1.0."""
+    verdicts = _verdicts("quiet", rounds=(20, 200), instance=(1.0, 0.6, 1.0))
+    assert all(v.verdict == PASS for v in verdicts)
+    assert all("timed faster" in v.reason for v in verdicts)
+    assert not [v for v in _verdicts("loaded", rounds=(20,), instance=(1.0, 0.6, 1.0)) if v.verdict == FAIL]
+
+
+@pytest.mark.parametrize("rounds", [50, 200])
+def test_fused_20_percent_slower_on_a_quiet_machine_fails(rounds):
+    verdicts = _verdicts("quiet", slowdown=1.2, rounds=(rounds,))
+    assert all(v.verdict == FAIL for v in verdicts)
+    v = verdicts[0]
+    assert 1.18 < v.ratio < 1.22 and v.ci[0] > 1.05 and not v.widened and "slower" in v.reason
+
+
+@pytest.mark.parametrize("model", NOISE_MODELS)
+def test_a_slow_fused_engine_never_passes(model):
+    verdicts = _verdicts(model, slowdown=1.2)
+    assert not [v for v in verdicts if v.verdict == PASS]
+
+
+def test_within_the_band_passes():
+    assert all(v.verdict == PASS for v in _verdicts("quiet", slowdown=1.02, rounds=(200,)))
+
+
+def test_a_noisy_machine_can_still_fail_a_grossly_slower_engine():
+    """Too noisy for the 5 % band, but twice the control's deviation is far below a 2x slowdown."""
+    verdicts = _verdicts("multiplicative", slowdown=2.0, rounds=(200,))
+    assert all(v.verdict == FAIL and v.widened for v in verdicts)
+    assert "band widened" in verdicts[0].reason and verdicts[0].fail_threshold > BAND
+
+
+def test_noisy_machine_is_inconclusive_with_the_reason():
+    v = latency_verdict(*_timings("loaded", 200, 0), BAND, BAND_MAX, CONF)
+    assert v.verdict == INCONCLUSIVE and v.resolution > BAND
+    assert "too noisy for the +/-5 % band" in v.reason and "apart" in v.short
+
+
+def test_fail_threshold_beyond_band_max_is_inconclusive():
+    """A machine so noisy that 2 x the control's deviation exceeds latency_band_max cannot fail anything."""
+    a, b, c = _timings("loaded", 50, 3, slowdown=1.6)
+    v = latency_verdict(a, b, c, BAND, 0.1, CONF)
+    assert v.fail_threshold > 0.1 and v.verdict == INCONCLUSIVE
+    assert latency_verdict(a, b, c, BAND, 0.99, CONF).fail_threshold == v.fail_threshold
+
+
+def test_too_few_rounds_are_inconclusive():
+    assert min_rounds(0.99) == 8 and min_rounds(0.95) == 6
+    a, b, c = _timings("quiet", 7, 0, slowdown=3.0)
+    v = latency_verdict(a, b, c, BAND, BAND_MAX, CONF)
+    assert v.verdict == INCONCLUSIVE and v.ci == (0.0, float("inf")) and "at least 8" in v.reason
+    assert latency_verdict(*_timings("quiet", 8, 0, slowdown=3.0), BAND, BAND_MAX, CONF).verdict == FAIL
+
+
+def test_straddling_interval_is_inconclusive():
+    """Fused 5 % slower on a moderately quiet machine: its interval reaches across 1 + band."""
+    v = latency_verdict(*_timings("quiet", 20, 1, slowdown=1.05), BAND, BAND_MAX, CONF)
+    assert v.verdict == INCONCLUSIVE and v.ci[0] < 1.05 < v.ci[1] and "neither" in v.short
+
+
+def test_verdict_wants_one_entry_per_round():
+    with pytest.raises(ValueError):
+        latency_verdict(np.ones(10), np.ones(9), np.ones(10), BAND, BAND_MAX, CONF)
+
+
+# ------------------------------------------------------------------------------------ the interval
+
+
+def test_median_ci_order_statistics():
+    x = np.arange(1.0, 21.0)  # n = 20: P(Bin(20, .5) <= 3) = 0.0013 <= 0.005 < P(<= 4) = 0.0059
+    med, lo, hi = median_ci(x[::-1], 0.99)
+    assert (med, lo, hi) == (10.5, 4.0, 17.0)
+    assert median_ci(np.arange(7.0), 0.99)[1:] == (-np.inf, np.inf)
+    assert median_ci(np.arange(8.0), 0.99)[1:] == (0.0, 7.0)
+
+
+def test_median_ci_covers_the_median_at_least_as_often_as_promised():
+    rng = np.random.default_rng(7)
+    for n in (8, 30, 101):
+        hits = 0
+        for _ in range(2000):
+            x = rng.standard_t(2, n)  # population median 0
+            _, lo, hi = median_ci(x, 0.95)
+            hits += lo <= 0 <= hi
+        assert hits / 2000 >= 0.94  # >= 95 % up to sampling error (the interval is conservative)
+
+
+# ------------------------------------------------------------------------------------ reporting
+
+
+def test_junit_reports_inconclusive_as_skipped_with_the_reason():
+    xml = junit_xml([Check("latency.batch_1", INCONCLUSIVE, "too noisy"), Check("latency.batch_32", FAIL, "slower"),
+                     Check("integrity.fused.onnx", "warning", "changed; allowed"), Check("accuracy.fp32.f1_delta", PASS, "ok")],
+                    "edgetool.verify", {}, warnings=["adaptation lowered the target macro-F1"])
+    root = ET.fromstring(xml)
+    assert (root.get("tests"), root.get("failures"), root.get("skipped")) == ("4", "1", "2")
+    suite = root.find("testsuite")
+    assert suite.find("testcase[@name='batch_1']/skipped").get("message") == "inconclusive: too noisy"
+    assert suite.find("testcase[@name='batch_1']/failure") is None
+    assert suite.find("testcase[@name='batch_32']/failure").get("message") == "slower"
+    assert suite.find("testcase[@name='fused.onnx']/skipped").get("message") == "warning: changed; allowed"
+    assert "adaptation lowered" in suite.find("system-err").text
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+
+def _stand_in_timings(slowdown: float, rounds: int = 60):
+    """Replaces verify's interleaved_timings: quiet synthetic seconds, fused `slowdown` x the original.
+    A stand-in for the runners' clocks (they still load and warm up nothing), to test the wiring."""
+
+    def fake(runners, x, warmup, iterations):
+        rng = np.random.default_rng(len(x))
+        t = T0 * len(x) * np.exp(0.01 * rng.standard_normal((rounds, 3)))
+        return {"original": t[:, 0], "fused": t[:, 1] * slowdown, "control": t[:, 2]}
+
+    return fake
+
+
+@pytest.mark.parametrize("slowdown, exit_code, verdict", [(1.0, 0, "pass"), (1.3, 1, "fail")])
+def test_verify_exit_code_and_reports_follow_the_latency_verdict(slowdown, exit_code, verdict, tiny_engine, tmp_path,
+                                                                  monkeypatch):
+    import toolchain.stages.verify as verify_mod
+
+    eng = tmp_path / "eng"
+    shutil.copytree(tiny_engine, eng)
+    monkeypatch.setattr(verify_mod, "interleaved_timings", _stand_in_timings(slowdown))
+    monkeypatch.setattr(verify_mod, "_unfused_phase", lambda *a, **k: {
+        "unfused_latency_ratio": {}, "unfused_latency_ms": {}, "unfused_onnx": {}, "unfused_iterations": 0,
+        "torch_threads": 1})
+    res = CliRunner().invoke(main, ["verify", str(eng), "--engine", "onnxruntime"])
+    assert res.exit_code == exit_code, res.output
+    r = json.loads((eng / "verify_report.json").read_text())
+    assert {b: v["verdict"] for b, v in r["latency_verdict"].items()} == {"1": verdict, "8": verdict}
+    assert [c["verdict"] for c in r["checks"] if c["name"].startswith("latency.")] == [verdict, verdict]
+    cases = ET.parse(eng / "verify_junit.xml").getroot().findall(".//testcase[@classname='edgetool.verify.latency']")
+    assert [c.find("failure") is not None for c in cases] == [verdict == "fail"] * 2
+    if verdict == "fail":
+        assert r["failed_checks"] == ["latency.batch_1", "latency.batch_8"] and r["verdict"] == "failed"
+        assert "latency.batch_1" in res.stderr and "slower than 1 + 0.050" in res.stderr
+        assert "FAILED (2 of" in res.stdout
+    else:
+        assert r["verdict"] == "passed" and r["inconclusive_checks"] == []
+        assert "\nPASSED: " in res.stdout and "PASS" in [ln.split()[-1] for ln in res.stdout.splitlines()
+                                                         if ln.startswith("latency fp32 batch 8")]
