@@ -192,10 +192,10 @@ def test_junit_reports_inconclusive_as_skipped_with_the_reason():
 
 
 def _stand_in_timings(slowdown: float, rounds: int = 60):
-    """Replaces verify's interleaved_timings: quiet synthetic seconds, fused `slowdown` x the original.
+    """Replaces verify's timed rounds: quiet synthetic seconds, fused `slowdown` x the original.
     A stand-in for the runners' clocks (they still load and warm up nothing), to test the wiring."""
 
-    def fake(runners, x, warmup, iterations):
+    def fake(runners, x, cfg):
         rng = np.random.default_rng(len(x))
         t = T0 * len(x) * np.exp(0.01 * rng.standard_normal((rounds, 3)))
         return {"original": t[:, 0], "fused": t[:, 1] * slowdown, "control": t[:, 2]}
@@ -210,7 +210,7 @@ def test_verify_exit_code_and_reports_follow_the_latency_verdict(slowdown, exit_
 
     eng = tmp_path / "eng"
     shutil.copytree(tiny_engine, eng)
-    monkeypatch.setattr(verify_mod, "interleaved_timings", _stand_in_timings(slowdown))
+    monkeypatch.setattr(verify_mod, "_timed_rounds", _stand_in_timings(slowdown))
     monkeypatch.setattr(verify_mod, "_unfused_phase", lambda *a, **k: {
         "unfused_latency_ratio": {}, "unfused_latency_ms": {}, "unfused_onnx": {}, "unfused_iterations": 0,
         "torch_threads": 1})
