@@ -22,7 +22,7 @@ from onnx import numpy_helper
 from conftest import assert_parity_passed, needs_tensorrt
 from toolchain.cli import main
 from toolchain.backends.base import Runner
-from toolchain.parity import Check, interleaved_timings, junit_xml, latency_input, latency_stats
+from toolchain.parity import Check, junit_xml, latency_input, latency_stats
 
 FAST = ["--iterations", "5", "--warmup", "1"]
 
@@ -302,15 +302,6 @@ class _Recorder(Runner):
     def time_once(self, x):
         self.log.append(self.name)
         return next(self.seconds)
-
-
-def test_interleaved_timings_rotate_order_and_skip_warmup():
-    log: list[str] = []
-    runners = {n: _Recorder(n, log, [99.0] * 2 + list(range(1, 4))) for n in ("A", "B", "C")}
-    times = interleaved_timings(runners, np.zeros((1, 1)), warmup=2, iterations=3)
-    assert log[:6] == ["A", "B", "C", "A", "B", "C"]  # warm-up
-    assert log[6:] == ["A", "B", "C", "B", "C", "A", "C", "A", "B"]  # each round rotates by one
-    assert all(list(t) == [1, 2, 3] for t in times.values())  # warm-up runs are not kept
 
 
 def test_latency_stats_percentiles_in_ms():

@@ -164,21 +164,6 @@ def accuracy_parity(engine_out: np.ndarray, reference_out: np.ndarray, original_
 # ---------------------------------------------------------------------------------------------- latency
 
 
-def interleaved_timings(runners: dict[str, Runner], x: np.ndarray, warmup: int, iterations: int) -> dict[str, np.ndarray]:
-    """Seconds per inference for each runner: `warmup` untimed rounds, then `iterations` rounds in which
-    each runner runs once, the order rotating every round (A B C, B C A, C A B, ...)."""
-    names = list(runners)
-    for _ in range(warmup):
-        for n in names:
-            runners[n].time_once(x)
-    times = {n: np.empty(iterations) for n in names}
-    for i in range(iterations):
-        k = i % len(names)
-        for n in names[k:] + names[:k]:
-            times[n][i] = runners[n].time_once(x)
-    return times
-
-
 def latency_stats(seconds: np.ndarray) -> dict[str, float]:
     ms = np.asarray(seconds) * 1e3
     p50, p90, p99 = np.percentile(ms, [50, 90, 99])

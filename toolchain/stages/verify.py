@@ -44,7 +44,7 @@ from ..errors import EdgetoolError, ParityError
 from ..export import compare_graph_structure, export_onnx
 from ..fusion import fuse_model
 from ..parity import (FAIL, INCONCLUSIVE, NOISE_FACTOR, PASS, WARNING, AccuracyResult, Check, LatencyVerdict,
-                      accuracy_parity, check, criteria, interleaved_timings, junit_xml, latency_input, latency_stats,
+                      accuracy_parity, check, criteria, junit_xml, latency_input, latency_stats,
                       latency_verdict)
 from ..recipe import VerifyConfig
 from ..rundir import AdaptedRun, evaluation_inputs, load_run
@@ -231,8 +231,8 @@ def _unfused_phase(adapted, fused, backend: Backend, ed: EngineDir, X: np.ndarra
 
     def time_pair(runtime: str, unfused_runner: Runner, fused_runner: Runner) -> None:
         for bs in batch_sizes:
-            times = interleaved_timings({"unfused": unfused_runner, "fused": fused_runner}, latency_input(X, bs),
-                                        cfg.warmup, iters)
+            times = interleaved_rounds({"unfused": unfused_runner, "fused": fused_runner}, latency_input(X, bs),
+                                       cfg.warmup, iters)
             st = {n: latency_stats(t) for n, t in times.items()}
             ms[runtime][str(bs)] = st
             ratio[runtime][str(bs)] = st["unfused"]["p50"] / st["fused"]["p50"]
