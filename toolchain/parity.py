@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 
-from .backends.base import Runner
 from .metrics import macro_f1
 from .recipe import VerifyConfig
 
