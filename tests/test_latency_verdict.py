@@ -211,7 +211,7 @@ def test_verify_exit_code_and_reports_follow_the_latency_verdict(slowdown, exit_
     eng = tmp_path / "eng"
     shutil.copytree(tiny_engine, eng)
     monkeypatch.setattr(verify_mod, "_timed_rounds", _stand_in_timings(slowdown))
-    monkeypatch.setattr(verify_mod, "_unfused_phase", lambda *a, **k: {
+    monkeypatch.setattr(verify_mod, "unfused_comparison", lambda *a, **k: {
         "unfused_latency_ratio": {}, "unfused_latency_ms": {}, "unfused_onnx": {}, "unfused_iterations": 0,
         "torch_threads": 1})
     res = CliRunner().invoke(main, ["verify", str(eng), "--engine", "onnxruntime"])

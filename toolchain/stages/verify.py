@@ -33,44 +33,25 @@ import numpy as np
 import onnx
 
 from ..backends import select_backend
-from ..backends.base import BACKENDS, Backend, Runner
+from ..backends.base import Backend, Runner
 from ..backends.engine_inspect import compare_engine_layers
 from ..backends.timing import interleaved_rounds
-from ..backends.onnxruntime import ort_session
 from ..backends.pytorch import TorchRunner
 from ..enginedir import (FUSE_REPORT, VERIFY_JUNIT, VERIFY_REPORT, EngineDir, changed_since_export, engine_file_hashes,
                          integrity_problems, read_engine_dir)
 from ..errors import EdgetoolError, ParityError
-from ..export import compare_graph_structure, export_onnx
+from ..export import compare_graph_structure
 from ..fusion import fuse_model
 from ..parity import (FAIL, INCONCLUSIVE, NOISE_FACTOR, PASS, WARNING, AccuracyResult, Check, LatencyVerdict,
                       accuracy_parity, check, criteria, junit_xml, latency_input, latency_stats,
                       latency_verdict)
 from ..recipe import VerifyConfig
+from ..unfused import unfused_comparison
 from ..rundir import AdaptedRun, evaluation_inputs, load_run
-
-# One intra-op thread while timing eager PyTorch: its OpenMP pool spin-waits, and on a loaded machine a
-# multi-thread pool drowned the difference being measured. Both models get the same setting; restored after.
-TORCH_TIMING_THREADS = 1
-
 
 def _log(echo, msg: str) -> None:
     if echo is not None:
         echo(msg)
-
-
-def _unfused_onnx(adapted, sample: np.ndarray, opset: int, tmp: Path) -> tuple[Path | None, int, str]:
-    """Export the unfused adapted model (adapter modules still in the graph), if the exporter can:
-    (path, node count, "") or (None, 0, why not)."""
-    try:
-        import torch
-
-        path = tmp / "unfused.onnx"
-        proto = export_onnx(adapted, torch.from_numpy(sample), path, opset)
-        return path, len(proto.graph.node), ""
-    except Exception as exc:  # any exporter failure just means "not exportable"; it is reported, not fatal
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return None, 0, f"not exportable to ONNX: {type(exc).__name__}: {first[:200]}"
 
 
 def structure_checks(ed: EngineDir, backend: Backend) -> list[Check]:
@@ -211,61 +192,6 @@ def _latency_phase(backend: Backend, ed: EngineDir, X: np.ndarray, batch_sizes: 
     return figures, checks
 
 
-def _nodes_after_ort_folding(path: Path, tmp: Path) -> int:
-    """Node count of `path` after ONNX Runtime's basic (constant-folding) optimisations: it folds an
-    adapter whose factors are constants back into the conv weights at session load, which is why the
-    unfused graph costs about the same as the fused one on ONNX Runtime (eager PyTorch has no such pass)."""
-    optimized = tmp / f"{path.stem}.ort-basic.onnx"
-    ort_session(path, optimization="basic", optimized_model_path=optimized)
-    return len(onnx.load(str(optimized)).graph.node)
-
-
-def _unfused_phase(adapted, fused, backend: Backend, ed: EngineDir, X: np.ndarray,
-                   batch_sizes: tuple[int, ...], cfg: VerifyConfig, echo) -> dict[str, Any]:
-    """What fusion saved: the unfused adapted model against the fused one, in the same runtime each
-    (eager PyTorch; ONNX Runtime FP32 when the unfused model exports). Informational, no check, so
-    fewer runs: eager PyTorch at the recipe batch is the slowest thing verify times."""
-    iters = min(cfg.unfused_iterations, cfg.iterations)
-    ms: dict[str, dict[str, Any]] = {"torch": {}, "onnxruntime": {}}
-    ratio: dict[str, dict[str, float] | None] = {"torch": {}, "onnxruntime": {}}
-
-    def time_pair(runtime: str, unfused_runner: Runner, fused_runner: Runner) -> None:
-        for bs in batch_sizes:
-            times = interleaved_rounds({"unfused": unfused_runner, "fused": fused_runner}, latency_input(X, bs),
-                                       cfg.warmup, iters)
-            st = {n: latency_stats(t) for n, t in times.items()}
-            ms[runtime][str(bs)] = st
-            ratio[runtime][str(bs)] = st["unfused"]["p50"] / st["fused"]["p50"]
-
-    import torch
-
-    # See TORCH_TIMING_THREADS.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(TORCH_TIMING_THREADS)
-    try:
-        with TorchRunner(adapted, "unfused PyTorch", "unfused") as ru, TorchRunner(fused, "fused PyTorch", "fused") as rf:
-            time_pair("torch", ru, rf)
-    finally:
-        torch.set_num_threads(threads)
-    # The unfused graph runs on this backend when it can run a loose FP32 file; else on ONNX Runtime.
-    timing = backend if backend.file_runner(ed.onnx("fused", "fp32"), "probe", ed) is not None else BACKENDS["onnxruntime"]()
-    info: dict[str, Any] = {"fused_nodes": len(onnx.load(str(ed.onnx("fused", "fp32"))).graph.node)}
-    with tempfile.TemporaryDirectory() as tmp:
-        path, info["unfused_nodes"], note = _unfused_onnx(adapted, X[:1], ed.opset, Path(tmp))
-        info["status"] = note or "exported and timed on ONNX Runtime (FP32) against fused.onnx"
-        if path is not None:
-            info["unfused_nodes_after_ort_folding"] = _nodes_after_ort_folding(path, Path(tmp))
-            # The same folding on fused.onnx, for a like-for-like count (it folds e.g. Clip's Constant bounds too).
-            info["fused_nodes_after_ort_folding"] = _nodes_after_ort_folding(ed.onnx("fused", "fp32"), Path(tmp))
-            with timing.file_runner(path, "unfused", ed) as ru, timing.runner(ed, "fused", "fp32", batch_sizes) as rf:
-                time_pair("onnxruntime", ru, rf)
-        else:
-            ratio["onnxruntime"] = None
-            _log(echo, f"note: unfused adapted model {note}; timed in PyTorch only")
-    return {"unfused_latency_ratio": ratio, "unfused_latency_ms": ms, "unfused_onnx": info, "unfused_iterations": iters,
-            "torch_threads": TORCH_TIMING_THREADS}
-
-
 def _warnings(run: AdaptedRun, cfg: VerifyConfig) -> list[str]:
     """What the user should know that no check decides."""
     out = []
@@ -289,17 +215,53 @@ def verify(engine_dir: Path | str, engine: str = "auto", echo=print, iterations:
     (toolchain.backends.trtplan.BUILD_MODES). Without the run's data, checks run on seeded random windows plus
     `inputs` (an .npz with `X`)."""
     t_start = time.perf_counter()
-    engine_dir = Path(engine_dir)
-    if engine_dir.is_dir() and not os.access(engine_dir, os.W_OK | os.X_OK):
-        raise EdgetoolError(f"ENGINE_DIR {engine_dir} is not writable (verify writes {VERIFY_REPORT} and "
-                            f"{VERIFY_JUNIT} there)")
-    ed = read_engine_dir(engine_dir)
+    ed = _open_engine_dir(engine_dir)
     hashes = engine_file_hashes(ed)
     checks = integrity_checks(ed, hashes, allow_modified)
     backend, selection = select_backend(engine)
     _log(echo, f"engine: {backend.name} ({selection})")
     _apply_trt_build(backend, trt_build, echo)
+    run, cfg, batch_sizes, test = _load_run_and_inputs(ed, iterations, warmup, inputs, echo)
+    warnings = _warnings(run, cfg) + [c.message for c in checks if c.verdict == WARNING]
+    fused = fuse_model(run.method, run.adapted)
+    torch_out = _pytorch_outputs({"fused": fused, "original": run.original}, test.X, batch_sizes)
 
+    phase_seconds = {"load": time.perf_counter() - t_start}
+    accuracy, acc_checks = _accuracy_phase(backend, ed, batch_sizes, test, torch_out, cfg, echo)
+    checks += acc_checks + structure_checks(ed, backend)
+    engine_checks, engine_layers = engine_structure_checks(backend, ed, batch_sizes, echo)
+    checks += engine_checks
+    phase_seconds["accuracy"] = time.perf_counter() - t_start - sum(phase_seconds.values())
+    latency, lat_checks = _latency_phase(backend, ed, test.X, batch_sizes, cfg, echo)
+    checks += lat_checks
+    phase_seconds["latency"] = time.perf_counter() - t_start - sum(phase_seconds.values())
+    unfused = unfused_comparison(run.adapted.eval(), fused, backend, ed, test.X, batch_sizes, cfg, echo)
+    phase_seconds["unfused"] = time.perf_counter() - t_start - sum(phase_seconds.values())
+
+    report = _report(backend, selection, checks, warnings, accuracy, latency, unfused, engine_layers, cfg,
+                     batch_sizes, test, ed, hashes, allow_modified, t_start, phase_seconds)
+    ed.write_verify_reports(report, junit_xml(checks, "edgetool.verify", {
+        "engine": backend.name, "precision": report["precision"], "engine_dir": str(ed.path.resolve()),
+        "verdict": report["verdict"], **{f"sha256.{f}": h for f, h in hashes.items()}}, warnings))
+    _log(echo, summary(report, checks, ed.path))
+    if report["failed_checks"]:
+        first = next(c for c in checks if c.failed)
+        raise ParityError(f"parity check failed: {', '.join(report['failed_checks'])} ({first.message}); "
+                          f"see {ed.report_path}")
+    return report
+
+
+def _open_engine_dir(engine_dir: Path | str) -> EngineDir:
+    engine_dir = Path(engine_dir)
+    if engine_dir.is_dir() and not os.access(engine_dir, os.W_OK | os.X_OK):
+        raise EdgetoolError(f"ENGINE_DIR {engine_dir} is not writable (verify writes {VERIFY_REPORT} and "
+                            f"{VERIFY_JUNIT} there)")
+    return read_engine_dir(engine_dir)
+
+
+def _load_run_and_inputs(ed: EngineDir, iterations: int | None, warmup: int | None, inputs, echo):
+    """The run the engines came from, its verify settings (with the CLI's overrides) and the inputs to
+    check on: the target test split, or without the data seeded windows plus `inputs`."""
     run = load_run(ed.run_dir, echo=echo)
     cfg = run.recipe.verify.model_copy()
     if iterations is not None:
@@ -317,26 +279,20 @@ def verify(engine_dir: Path | str, engine: str = "auto", echo=print, iterations:
     if tuple(test.X.shape[1:]) != ed.input_shape:
         raise EdgetoolError(f"the run's target data is shaped {tuple(test.X.shape[1:])} but the engines expect "
                             f"{ed.input_shape}: ENGINE_DIR was exported from another run")
-    warnings = _warnings(run, cfg) + [c.message for c in checks if c.verdict == WARNING]
-    adapted = run.adapted.eval()
-    fused = fuse_model(run.method, run.adapted)
-    torch_out = {}
-    for graph, model in (("fused", fused), ("original", run.original)):
+    return run, cfg, batch_sizes, test
+
+
+def _pytorch_outputs(models: dict[str, Any], X: np.ndarray, batch_sizes: tuple[int, ...]) -> dict[str, np.ndarray]:
+    out = {}
+    for graph, model in models.items():
         with TorchRunner(model, f"{graph} PyTorch", graph) as r:
-            torch_out[graph] = r.infer_batched(test.X, max(batch_sizes))
+            out[graph] = r.infer_batched(X, max(batch_sizes))
+    return out
 
-    phase_seconds = {"load": time.perf_counter() - t_start}
-    accuracy, acc_checks = _accuracy_phase(backend, ed, batch_sizes, test, torch_out, cfg, echo)
-    checks += acc_checks + structure_checks(ed, backend)
-    engine_checks, engine_layers = engine_structure_checks(backend, ed, batch_sizes, echo)
-    checks += engine_checks
-    phase_seconds["accuracy"] = time.perf_counter() - t_start - sum(phase_seconds.values())
-    latency, lat_checks = _latency_phase(backend, ed, test.X, batch_sizes, cfg, echo)
-    checks += lat_checks
-    phase_seconds["latency"] = time.perf_counter() - t_start - sum(phase_seconds.values())
-    unfused = _unfused_phase(adapted, fused, backend, ed, test.X, batch_sizes, cfg, echo)
-    phase_seconds["unfused"] = time.perf_counter() - t_start - sum(phase_seconds.values())
 
+def _report(backend: Backend, selection: str, checks: list[Check], warnings: list[str], accuracy, latency, unfused,
+            engine_layers, cfg: VerifyConfig, batch_sizes, test, ed: EngineDir, hashes: dict[str, str],
+            allow_modified: bool, t_start: float, phase_seconds: dict[str, float]) -> dict[str, Any]:
     failed = [c.name for c in checks if c.failed]
     inconclusive = [c.name for c in checks if c.verdict == INCONCLUSIVE]
     # The headline figures are those of the precision the backend deploys (the one whose latency is timed).
@@ -378,13 +334,6 @@ def verify(engine_dir: Path | str, engine: str = "auto", echo=print, iterations:
         "seconds": time.perf_counter() - t_start,
         "phase_seconds": phase_seconds,
     }
-    ed.write_verify_reports(report, junit_xml(checks, "edgetool.verify", {
-        "engine": backend.name, "precision": headline.precision, "engine_dir": str(ed.path.resolve()),
-        "verdict": report["verdict"], **{f"sha256.{f}": h for f, h in hashes.items()}}, warnings))
-    _log(echo, summary(report, checks, ed.path))
-    if failed:
-        first = next(c for c in checks if c.failed)
-        raise ParityError(f"parity check failed: {', '.join(failed)} ({first.message}); see {ed.report_path}")
     return report
 
 
