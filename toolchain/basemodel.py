@@ -13,6 +13,7 @@ import hashlib
 import json
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -33,11 +34,20 @@ def _log(echo, msg: str) -> None:
         echo(msg)
 
 
-def base_fingerprint(recipe: Recipe) -> str:
-    """What the base checkpoint depends on; a mismatch means it was pretrained for another recipe."""
-    parts = {k: recipe.resolved_dict()[k] for k in ("data", "pretrain", "seed")}
-    parts["model"] = {k: v for k, v in recipe.resolved_dict()["model"].items() if k != "checkpoint"}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+def base_fingerprint(recipe: Recipe, data: DataBundle) -> str:
+    """What pretraining depends on, and nothing else: the source windows and labels it trains on (as data, so
+    two data configurations giving the same source split agree, and target-side settings such as shots,
+    validation or the target shift never count), the source class names, the model and the pretrain settings."""
+    digest = hashlib.sha256()
+    for array in (data.source_train.X, data.source_train.y):
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    resolved = recipe.resolved_dict()
+    settings = {"source_classes": data.class_names[: data.num_source_classes], "pretrain": resolved["pretrain"],
+                "seed": recipe.seed, "model": {k: v for k, v in resolved["model"].items() if k != "checkpoint"}}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
 
 
 def train_base(recipe: Recipe, data: DataBundle, progress: bool = True, echo=print) -> dict[str, Any]:
@@ -52,7 +62,7 @@ def train_base(recipe: Recipe, data: DataBundle, progress: bool = True, echo=pri
     meta = {
         "class_names": data.class_names[: data.num_source_classes],
         "input_shape": list(data.input_shape),
-        "fingerprint": base_fingerprint(recipe),
+        "pretrain_fingerprint": base_fingerprint(recipe, data),
         "source_train_f1": f1,
     }
     save_base_checkpoint(recipe.model.checkpoint, model, meta)
@@ -66,9 +76,10 @@ def load_base_model(recipe: Recipe, data: DataBundle, echo=print) -> tuple[nn.Mo
     ckpt = read_base_checkpoint(recipe.model.checkpoint)
     model = build_model(recipe.model, data.input_shape[0], data.num_source_classes)
     load_state_checked(model, ckpt["state_dict"], f"base checkpoint {recipe.model.checkpoint}")
-    if ckpt.get("fingerprint") not in (None, base_fingerprint(recipe)):
-        _log(echo, f"note: base checkpoint {recipe.model.checkpoint} was pretrained under different data/model/pretrain "
-                   "settings than this recipe; using it as given")
+    # Checkpoints from before "pretrain_fingerprint" hashed target-side settings too: they are not compared.
+    if ckpt.get("pretrain_fingerprint") not in (None, base_fingerprint(recipe, data)):
+        _log(echo, f"note: base checkpoint {recipe.model.checkpoint} was pretrained on other source data or under other "
+                   "model/pretrain settings than this recipe's; using it as given")
     head_name, _ = find_head(model, recipe.model.head)
     return model.eval(), head_name, sha256_file(recipe.model.checkpoint)
 
