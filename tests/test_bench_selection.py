@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import toolchain.metrics
+import torch
+from torch.nn.modules.module import register_module_forward_pre_hook
 from toolchain.basemodel import load_base_model
 from toolchain.benchjobs import RunPool, selection_view
 from toolchain.cli import main
@@ -24,9 +25,9 @@ TINY = {"train": {"steps": 10, "lr": 0.01, "batch_size": 12, "eval_every": 5},
         "bench": {"timing_steps": 2, "lr_grid": [0.001, 0.03]}}
 
 
-def _runs(*val_f1, diverged=()):
-    return [{"val_f1": None if i in diverged else v, "diverged": "loss became nan" if i in diverged else None}
-            for i, v in enumerate(val_f1)]
+def _runs(*val_f1, diverged=(), loss=0.5):
+    return [{"val_f1": None if i in diverged else v, "val_loss": None if i in diverged else loss,
+             "diverged": "loss became nan" if i in diverged else None} for i, v in enumerate(val_f1)]
 
 
 def test_choose_takes_the_best_mean_validation_f1():
@@ -44,8 +45,11 @@ def test_a_rate_that_diverged_on_any_seed_is_not_eligible():
     assert choose({0.1: _runs(0.0, diverged=(0,))})[0] is None
 
 
-def test_ties_go_to_the_smaller_rate():
+def test_ties_go_to_the_lower_validation_loss_then_the_smaller_rate():
+    assert choose({0.03: _runs(1.0, 1.0, loss=0.2), 0.003: _runs(1.0, 1.0, loss=0.4)})[0] == 0.03
     assert choose({0.03: _runs(0.8, 0.9), 0.003: _runs(0.9, 0.8)})[0] == 0.003
+    # the loss only breaks ties: a better F1 wins whatever its loss
+    assert choose({0.03: _runs(0.9, 0.9, loss=2.0), 0.003: _runs(0.8, 0.8, loss=0.1)})[0] == 0.03
 
 
 @pytest.mark.parametrize("bench, message", [
@@ -98,27 +102,36 @@ def _poisoned(data):
     return replace(data, target_test=replace(test, X=np.full_like(test.X, np.nan), y=(test.y + 1) % data.num_classes))
 
 
-def test_selection_runs_never_see_the_test_split(make_recipe, tmp_path, monkeypatch):
-    """Instrumented: every window scored during selection is a validation window, and the runs' inputs hold
-    no test or source window. Poisoned: a test split of NaNs with wrong labels changes nothing chosen."""
+def test_selection_runs_never_see_the_test_split(make_recipe, tmp_path):
+    """Instrumented: every window any model is run on during selection (training and scoring) is a shot or a
+    validation window, and the runs' inputs hold no test or source window. Poisoned: a test split of NaNs
+    with wrong labels changes nothing chosen."""
     recipe = make_recipe("select", **TINY)
     configs, grids, base, head_name, seeds, bundles = _selection_inputs(recipe)
     for view in map(selection_view, bundles):
         assert len(view.target_test) == 0 and len(view.source_train) == 0
         assert len(view.target_val) > 0 and len(view.target_train) > 0
 
-    scored = []
-    real = toolchain.metrics.predict_logits
-    monkeypatch.setattr(toolchain.metrics, "predict_logits", lambda model, X, **kw: scored.append(X) or real(model, X, **kw))
-    with RunPool(1, tmp_path) as pool:
-        clean = select_rates(configs, grids, base, head_name, seeds, bundles, pool)
-    monkeypatch.undo()
-    val_rows = {x.tobytes() for b in bundles for x in b.target_val.X}
-    test_rows = {x.tobytes() for b in bundles for x in b.target_test.X}
-    windows = [x.tobytes() for X in scored for x in X]
-    assert len(scored) == 2 * 2 * 2  # methods x rates x seeds, each scored once on its validation split
-    assert windows and all(w in val_rows for w in windows)
-    assert not any(w in test_rows for w in windows)
+    shape = bundles[0].target_test.X.shape[1:]
+    seen = []
+
+    def record(module, args):
+        if args and torch.is_tensor(args[0]) and tuple(args[0].shape[1:]) == shape:
+            seen.extend(x.numpy().tobytes() for x in args[0].detach())
+
+    hook = register_module_forward_pre_hook(record)
+    try:
+        with RunPool(1, tmp_path) as pool:
+            clean = select_rates(configs, grids, base, head_name, seeds, bundles, pool)
+    finally:
+        hook.remove()
+    rows = lambda split: {x.tobytes() for x in split.X}  # noqa: E731
+    val = set().union(*(rows(b.target_val) for b in bundles))
+    shots = set().union(*(rows(b.target_train) for b in bundles))
+    test = set().union(*(rows(b.target_test) for b in bundles))
+    assert seen and set(seen) <= val | shots
+    assert not set(seen) & test
+    assert val <= set(seen)  # the validation windows were scored
 
     with RunPool(1, tmp_path) as pool:
         poisoned = select_rates(configs, grids, base, head_name, seeds, [_poisoned(b) for b in bundles], pool)
@@ -135,8 +148,9 @@ def test_a_diverging_rate_is_recorded_and_never_chosen(make_recipe, tmp_path):
     with RunPool(1, tmp_path) as pool:
         chosen = select_rates(configs, rate_grids(recipe, configs), base, head_name, [0], [data], pool)
     assert chosen["full"]["lr"] == 0.001
-    assert chosen["full"]["grid"][1] == {"lr": 1e9, "val_f1_mean": None, "val_f1_std": None, "val_f1_per_seed": [None],
-                                         "diverged_seeds": 1}
+    assert chosen["full"]["grid"][1] == {"lr": 1e9, "val_f1_mean": None, "val_f1_std": None, "val_loss_mean": None,
+                                         "val_f1_per_seed": [None], "diverged_seeds": 1}
+    assert chosen["full"]["grid"][0]["val_loss_mean"] > 0
     with RunPool(1, tmp_path) as pool, pytest.raises(EdgetoolError, match=r"'full' diverged at every learning rate"):
         select_rates(configs, {"full": [1e9, 1e10]}, base, head_name, [0], [data], pool)
 
@@ -152,14 +166,31 @@ def test_bench_reports_the_grid_and_the_chosen_rate(make_recipe, tmp_path):
     assert result["meta"]["selection"]["grids"] == {"head": [0.001, 0.03], "ttlora": [0.001, 0.03]}
     for row in result["rows"]:
         assert row["lr_selected_on"] == "validation" and [g["lr"] for g in row["lr_grid"]] == [0.001, 0.03]
-        best = max(g["val_f1_mean"] for g in row["lr_grid"])
-        chosen = next(g for g in row["lr_grid"] if g["val_f1_mean"] == best)
+        chosen = max(row["lr_grid"], key=lambda g: (g["val_f1_mean"], -g["val_loss_mean"]))
         assert row["lr"] == chosen["lr"] == result["meta"]["selection"]["selected"][row["method"]]
         # the reported runs at the chosen rate are the selection runs again: same validation F1, seed by seed
         assert row["val_f1_per_seed"] == chosen["val_f1_per_seed"]
         assert row["train"]["lr"] == row["lr"]
         # the test split is scored at the chosen rate only
-        assert all(set(g) == {"lr", "val_f1_mean", "val_f1_std", "val_f1_per_seed", "diverged_seeds"} for g in row["lr_grid"])
+        assert all(set(g) == {"lr", "val_f1_mean", "val_f1_std", "val_loss_mean", "val_f1_per_seed", "diverged_seeds"}
+                   for g in row["lr_grid"])
     table = (out / "bench.md").read_text()
     assert "## Learning rate, chosen on the validation split" in table and "| lr 0.001 | lr 0.03 |" in table
     assert (out / "val_f1_vs_lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_shipped_bench_recipes_choose_rates_on_a_validation_split_for_every_seed():
+    from toolchain.recipe import load_recipe
+
+    paths = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("bench-*.yaml"))
+    assert len(paths) == 4
+    for path in paths:
+        recipe = load_recipe(path)
+        assert len(recipe.bench.lr_grid) >= 3 and recipe.train.lr in recipe.bench.lr_grid
+        base = load_data(recipe.data, recipe.seed)
+        for i in range(recipe.bench.seeds):
+            data = seed_data(recipe, i, base)
+            # 2 validation windows per class, none of them a shot (BasicMotions: one window = one recording)
+            assert np.bincount(data.target_val.y, minlength=data.num_classes).tolist() == [2] * data.num_classes, path.name
+            shots = {x.tobytes() for x in data.target_train.X}
+            assert not any(x.tobytes() in shots for x in data.target_val.X)

@@ -4,7 +4,13 @@ terminal says what it is doing, one line per finished run."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -60,3 +66,51 @@ def test_workers_must_be_positive(make_recipe, tmp_path, value):
     res = CliRunner().invoke(main, ["bench", str(recipe.source), "--workers", value, "--out", str(tmp_path / "o"), "--quiet"])
     assert res.exit_code == 2 and "--workers must be a positive number" in res.output
     assert res.output.strip().count("\n") == 0 and not (tmp_path / "o").exists()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process parents from /proc (Linux)")
+def test_workers_of_a_killed_bench_exit(tmp_path):
+    """A bench killed from outside (a CI timeout) must not leave its worker processes waiting forever."""
+    script = (
+        "import os, sys, tempfile\n"
+        "from toolchain.benchjobs import RunPool\n"
+        "with RunPool(2, tempfile.mkdtemp()) as pool:\n"
+        "    [f.result() for f in [pool.pool.submit(os.getpid) for _ in range(4)]]\n"
+        "    print('ready', flush=True)\n"
+        "    sys.stdin.read()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        workers = [p for p in _children(proc.pid) if "spawn_main" in (Path("/proc") / str(p) / "cmdline").read_text()]
+        assert len(workers) == 2
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 20
+    while any(map(_alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [p for p in workers if _alive(p)]
+    for p in left:  # do not leave them behind even when the test fails
+        os.kill(p, signal.SIGKILL)
+    assert not left

@@ -16,7 +16,9 @@ from __future__ import annotations
 import concurrent.futures as cf
 import copy
 import multiprocessing
+import os
 import pickle
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,7 +34,7 @@ from .errors import DivergedError, NotMergeableError
 from .export import compare_graph_structure, export_onnx
 from .fusion import prove_fusion
 from .methods.settings import MethodSettings
-from .metrics import evaluate
+from .metrics import evaluate, macro_f1, predict_logits
 from .recipe import OptimConfig, Recipe
 from .traincost import adapter_bytes, measure_step_flops, time_train_steps
 from .train import fit, seed_everything
@@ -138,9 +140,11 @@ def selection_run(inputs: SelectionInputs, job: Job) -> dict[str, Any]:
     try:
         fit(model, method, data.target_train, tcfg, seed, progress=False)
     except DivergedError as exc:
-        return {"val_f1": None, "val_accuracy": None, "diverged": str(exc), "seconds": time.perf_counter() - start}
-    f1, acc = evaluate(model, data.target_val)
-    return {"val_f1": f1, "val_accuracy": acc, "diverged": None, "seconds": time.perf_counter() - start}
+        return {"val_f1": None, "val_loss": None, "diverged": str(exc), "seconds": time.perf_counter() - start}
+    logits = predict_logits(model, data.target_val.X)
+    loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(data.target_val.y)))
+    return {"val_f1": macro_f1(data.target_val.y, logits.argmax(axis=1)), "val_loss": loss, "diverged": None,
+            "seconds": time.perf_counter() - start}
 
 
 def report_run(inputs: ReportInputs, job: Job) -> dict[str, Any]:
@@ -181,8 +185,16 @@ def report_run(inputs: ReportInputs, job: Job) -> dict[str, Any]:
 _LOADED: dict[str, Any] = {}
 
 
-def _worker_init() -> None:
+def _worker_init(parent: int) -> None:
     torch.set_num_threads(1)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    # A worker of a killed bench would otherwise wait for work forever (its queue never reaches end of file).
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _call(fn: Callable, inputs_path: str, job: Job) -> dict[str, Any]:
@@ -206,7 +218,7 @@ class RunPool:
     def __enter__(self) -> "RunPool":
         if self.workers > 1:
             self.pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                               initializer=_worker_init)
+                                               initializer=_worker_init, initargs=(os.getpid(),))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

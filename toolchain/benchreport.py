@@ -32,8 +32,9 @@ MEASUREMENT = {
     "curve": ("macro-F1 every train.eval_every steps on a fixed class-stratified subsample of the target test split "
               "(bench.eval_subsample windows, drawn once per seed, the same for every method and rate)"),
     "f1": "macro-F1 / accuracy of the final model on the whole target test split, at the method's chosen learning rate",
-    "lr": ("chosen per method on the validation split: final macro-F1 on data.target_val, mean over seeds, rates where a "
-           "seed diverged not eligible, ties to the smaller rate; the test split is not used for choosing"),
+    "lr": ("chosen per method on the validation split: final macro-F1 on data.target_val, mean over seeds, ties broken by "
+           "the lower mean validation cross-entropy, rates where a seed diverged not eligible; the test split is not "
+           "used for choosing"),
     "convergence": ("per seed, targets zero-shot F1 + fraction x (best final F1 of any method - zero-shot F1) on the "
                     "curve subsample; steps = first evaluation step reaching it; seconds = training time to that step "
                     "without evaluations; speed-ups paired by seed against the recipe's method, geometric mean of "
@@ -153,7 +154,8 @@ def selection_fields(lr: float, grid: list[float], chosen: dict[str, Any] | None
     if chosen is not None:
         record = chosen["grid"]
     else:  # one rate: nothing was chosen; its validation F1 comes from the reported runs
-        record = [{"lr": grid[0], "val_f1_mean": val_mean, "val_f1_std": val_std, "val_f1_per_seed": val, "diverged_seeds": 0}]
+        record = [{"lr": grid[0], "val_f1_mean": val_mean, "val_f1_std": val_std, "val_loss_mean": None,
+                   "val_f1_per_seed": val, "diverged_seeds": 0}]
     return {"lr": lr, "lr_selected_on": "validation" if chosen is not None else "fixed", "lr_grid": record,
             "val_f1_mean": val_mean, "val_f1_std": val_std, "val_f1_per_seed": val}
 

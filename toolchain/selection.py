@@ -1,10 +1,11 @@
 """Choosing each method's learning rate on the validation split, never on the test split.
 
 Criterion: the final macro-F1 on data.target_val after the full step budget, mean over the bench's seeds;
-one rate per method (the same for all of its seeds). A rate at which any seed's loss diverged is not
-eligible: a rate that blows up on some draws is not one a user could pick. Ties go to the smaller rate.
-Final rather than best-step F1: the bench reports the final model, and picking a step would be a second
-choice made on a few validation windows."""
+one rate per method (the same for all of its seeds). A few validation windows often give several rates the
+same F1 (all 1.0, say), so ties are broken by the lower mean validation cross-entropy, then by the smaller
+rate. A rate at which any seed's loss diverged is not eligible: a rate that blows up on some draws is not
+one a user could pick. Final rather than best-step F1: the bench reports the final model, and picking a
+step would be a second choice made on a few validation windows."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from .methods.settings import MethodSettings
 from .recipe import OptimConfig, Recipe
 
 CRITERION = ("final macro-F1 on the validation split (data.target_val) after train.steps, mean over seeds; one rate "
-             "per method; rates where any seed diverged are not eligible; ties go to the smaller rate")
+             "per method; ties broken by the lower mean validation cross-entropy, then the smaller rate; rates where "
+             "any seed diverged are not eligible")
 
 
 def rate_grids(recipe: Recipe, configs: dict[str, tuple[MethodSettings, OptimConfig]]) -> dict[str, list[float]]:
@@ -44,13 +46,14 @@ def choose(scores: dict[float, list[dict[str, Any]]]) -> tuple[float | None, lis
         diverged = sum(r["diverged"] is not None for r in runs)
         values = [r["val_f1"] for r in runs if r["val_f1"] is not None]
         mean, std = mean_std(values) if not diverged else (None, None)
-        grid.append({"lr": lr, "val_f1_mean": mean, "val_f1_std": std,
+        loss = mean_std([r["val_loss"] for r in runs])[0] if not diverged else None
+        grid.append({"lr": lr, "val_f1_mean": mean, "val_f1_std": std, "val_loss_mean": loss,
                      "val_f1_per_seed": [r["val_f1"] for r in runs], "diverged_seeds": diverged})
     eligible = [g for g in grid if g["val_f1_mean"] is not None]
     if not eligible:
         return None, grid
-    best = max(g["val_f1_mean"] for g in eligible)
-    return next(g["lr"] for g in eligible if g["val_f1_mean"] == best), grid
+    # max() keeps the first of equal keys, and the grid is in increasing rate: exact ties go to the smaller rate
+    return max(eligible, key=lambda g: (g["val_f1_mean"], -g["val_loss_mean"]))["lr"], grid
 
 
 def select_rates(configs: dict[str, tuple[MethodSettings, OptimConfig]], grids: dict[str, list[float]], base, head_name: str,
