@@ -176,6 +176,9 @@ def test_bench_reports_the_grid_and_the_chosen_rate(make_recipe, tmp_path):
                    for g in row["lr_grid"])
     table = (out / "bench.md").read_text()
     assert "## Learning rate, chosen on the validation split" in table and "| lr 0.001 | lr 0.03 |" in table
+    for row in result["rows"]:  # with two rates the choice is always an end of the grid, and the table says so
+        edge = "smallest" if row["lr"] == 0.001 else "largest"
+        assert f"| {row['lr']:g} ({edge} in grid) | {row['f1_mean']:.3f} ± {row['f1_std']:.3f} |" in table
     assert (out / "val_f1_vs_lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -169,7 +169,8 @@ def selection_table(result: dict[str, Any]) -> str:
         f"Validation macro-F1 per learning rate (mean ± std over {_count(len(meta['seeds']), 'seed')}; "
         f"{meta['target_val_windows']} validation windows"
         f"{' per seed' if meta['resample_shots'] else ''}); the chosen rate in bold. Chosen by {meta['selection']['criterion']}. "
-        "The test split is not used for choosing.",
+        "The test split is not used for choosing. A rate chosen at the end of its grid may not be the method's best "
+        "(widen bench.lr_grid).",
         "",
         "| method | " + " | ".join(f"lr {lr:g}" for lr in rates) + " | chosen lr | test macro-F1 at chosen lr |",
         "|---|" + "---|" * (len(rates) + 2),
@@ -186,9 +187,18 @@ def selection_table(result: dict[str, Any]) -> str:
             else:
                 text = _pm(g["val_f1_mean"], g["val_f1_std"], ".3f")
                 cells.append(f"**{text}**" if lr == r["lr"] and r["lr_selected_on"] == "validation" else text)
-        how = "" if r["lr_selected_on"] == "validation" else " (fixed)"
+        how = " (fixed)" if r["lr_selected_on"] != "validation" else _edge(r["lr"], [g["lr"] for g in r["lr_grid"]])
         lines.append(f"| {r['method']} | " + " | ".join(cells) + f" | {r['lr']:g}{how} | {_pm(r['f1_mean'], r['f1_std'], '.3f')} |")
     return "\n".join(lines) + "\n"
+
+
+def _edge(lr: float, grid: list[float]) -> str:
+    """A rate chosen at the end of its grid may not be the method's best: the grid should go further."""
+    if lr == max(grid):
+        return " (largest in grid)"
+    if lr == min(grid):
+        return " (smallest in grid)"
+    return ""
 
 
 # ---------------------------------------------------------------------------------------------- convergence

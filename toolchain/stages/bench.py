@@ -233,6 +233,7 @@ def run_bench(recipe: Recipe, methods: list[str] | None = None, seeds: int | Non
             "selection": {"criterion": SELECTION_CRITERION, "grids": grids, "selected": rates},
             "convergence": conv_run,
             "torch": torch.__version__,
+            "threads": torch.get_num_threads(),  # this process's: pretraining a missing base used it
             "threads_per_run": 1,
             "workers": workers,
             "wall_seconds": time.perf_counter() - began,
