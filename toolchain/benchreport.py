@@ -138,7 +138,8 @@ def markdown_table(result: dict[str, Any]) -> str:
         "Mean ± sample std over seeds. FLOPs: torch.utils.flop_counter (matmul/conv-type ops, forward + backward + "
         "optimizer) plus an estimate of the optimizer's elementwise update; peak memory: parameters + buffers, "
         "gradients, optimizer state and tensors saved for backward, measured on the first step. "
-        "Steps to target: mean over the seeds that reached it.",
+        "Steps to F1 ≥ target: the absolute train.target_f1 on the curve windows, mean over the seeds that reached it; "
+        "the convergence table below uses targets relative to each seed's headroom.",
     ]
     return "\n".join(lines) + "\n"
 

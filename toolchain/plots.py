@@ -66,9 +66,13 @@ def plot_scatter(points: dict[str, tuple], path: Path, xlabel: str, ylabel: str,
     """One marker per name at (x, y), with a vertical error bar when a third value (std) is given; names are in
     the legend, not written next to the points (they would overlap)."""
     fig, ax = plt.subplots(figsize=(7.2, 4))
+    same_x: dict[float, int] = {}
     for i, (name, pt) in enumerate(points.items()):
         style = _style(i)
-        ax.errorbar([pt[0]], [pt[1]], yerr=[pt[2]] if len(pt) > 2 and pt[2] else None, fmt=style["marker"],
+        # Methods with the same x (full fine-tuning and GaLore both train every weight) are drawn side by side.
+        k = same_x[pt[0]] = same_x.get(pt[0], -1) + 1
+        x = pt[0] * (1.06 ** k if logx else 1.0) + (0 if logx else 0.01 * k * abs(pt[0]))
+        ax.errorbar([x], [pt[1]], yerr=[pt[2]] if len(pt) > 2 and pt[2] else None, fmt=style["marker"],
                     color=style["color"], markersize=7, capsize=3, label=name)
     if logx:
         ax.set_xscale("log")
