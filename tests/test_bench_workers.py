@@ -114,3 +114,11 @@ def test_workers_of_a_killed_bench_exit(tmp_path):
     for p in left:  # do not leave them behind even when the test fails
         os.kill(p, signal.SIGKILL)
     assert not left
+
+
+def test_inputs_that_cannot_reach_the_workers_are_a_clear_error(tmp_path):
+    from toolchain.benchjobs import Job, RunPool, selection_run
+    from toolchain.errors import EdgetoolError
+
+    with RunPool(2, tmp_path) as pool, pytest.raises(EdgetoolError, match=r"--workers 2: .*run with --workers 1"):
+        pool.run(selection_run, [Job("head", 0, 0.01)], {"model": lambda x: x})

@@ -30,7 +30,7 @@ from torch import nn
 
 from .basemodel import build_adapted
 from .data import DataBundle, Split
-from .errors import DivergedError, NotMergeableError
+from .errors import DivergedError, EdgetoolError, NotMergeableError
 from .export import compare_graph_structure, export_onnx
 from .fusion import prove_fusion
 from .methods.settings import MethodSettings
@@ -242,8 +242,13 @@ class RunPool:
             return results
         self.batches += 1
         path = self.workdir / f"run-inputs-{self.batches}.pickle"
-        with open(path, "wb") as f:
-            pickle.dump(inputs, f, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            with open(path, "wb") as f:
+                pickle.dump(inputs, f, protocol=pickle.HIGHEST_PROTOCOL)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            # e.g. a model.factory model holding a lambda or a class defined in a script
+            raise EdgetoolError(f"--workers {self.workers}: the model or data cannot be sent to worker processes "
+                                f"({type(exc).__name__}: {exc}); run with --workers 1") from None
         futures = {self.pool.submit(_call, fn, str(path), job): job for job in jobs}
         for future in cf.as_completed(futures):
             job = futures[future]
