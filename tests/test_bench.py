@@ -248,12 +248,12 @@ def test_out_never_replaces_what_is_not_a_bench_directory(make_recipe, tmp_path)
 def test_a_method_that_does_not_fit_fails_before_any_training(make_recipe, monkeypatch):
     """A bad per-method setting (here: a layer selection matching no conv) is found before the other
     methods spend their training budget, not after."""
-    import toolchain.stages.bench as bench
+    import toolchain.benchjobs as benchjobs
 
     def no_training(*args, **kwargs):
         raise AssertionError("training started before every method was checked")
 
-    monkeypatch.setattr(bench, "fit", no_training)
+    monkeypatch.setattr(benchjobs, "fit", no_training)
     recipe = make_recipe("preflight", bench={"method_overrides": {"ttlora": {"layers": ["nomatch.*"]}}})
     with pytest.raises(EdgetoolError, match=r"'method.layers': \['nomatch.\*'\] matched no Conv1d/Conv2d layer"):
         run_bench(recipe, ["full", "head", "ttlora"], 1, progress=False, echo=None)

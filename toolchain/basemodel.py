@@ -12,9 +12,9 @@ import copy
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Union
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -54,18 +54,22 @@ class ModelSpec:
 Shapes = Union[DataBundle, ModelSpec]
 
 
-def base_fingerprint(recipe: Recipe) -> str:
-    """What the base checkpoint depends on; a mismatch means it was pretrained for another recipe."""
+def base_fingerprint(recipe: Recipe, data: DataBundle) -> str:
+    """What pretraining depends on, and nothing else: the source windows and labels it trains on (as data, so
+    two data configurations giving the same source split agree, and target-side settings such as shots,
+    validation or the target shift never count), the source class names, the model and the pretrain settings."""
+    digest = hashlib.sha256()
+    for array in (data.source_train.X, data.source_train.y):
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
     resolved = recipe.resolved_dict()
-    parts = {k: resolved[k] for k in ("data", "pretrain", "seed")}
-    # Data files by name, not by absolute path: a run directory copied to another machine is the same run.
-    for key in ("train_path", "test_path"):
-        if parts["data"].get(key):
-            parts["data"][key] = Path(parts["data"][key]).name
     # Where and in what precision the base trained is recorded in the checkpoint, not part of what it is.
-    parts["pretrain"] = {k: v for k, v in parts["pretrain"].items() if k not in ("device", "precision")}
-    parts["model"] = {k: v for k, v in resolved["model"].items() if k != "checkpoint"}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    pretrain = {k: v for k, v in resolved["pretrain"].items() if k not in ("device", "precision")}
+    settings = {"source_classes": data.class_names[: data.num_source_classes], "pretrain": pretrain,
+                "seed": recipe.seed, "model": {k: v for k, v in resolved["model"].items() if k != "checkpoint"}}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
 
 
 def train_base(recipe: Recipe, data: DataBundle, progress: bool = True, echo=print) -> dict[str, Any]:
@@ -84,7 +88,7 @@ def train_base(recipe: Recipe, data: DataBundle, progress: bool = True, echo=pri
     meta = {
         "class_names": data.class_names[: data.num_source_classes],
         "input_shape": list(data.input_shape),
-        "fingerprint": base_fingerprint(recipe),
+        "pretrain_fingerprint": base_fingerprint(recipe, data),
         "source_train_f1": f1,
         "trained_on": result.device,
     }
@@ -100,9 +104,11 @@ def load_base_model(recipe: Recipe, data: Shapes, echo=print) -> tuple[nn.Module
     ckpt = read_base_checkpoint(recipe.model.checkpoint)
     model = build_model(recipe.model, data.input_shape[0], data.num_source_classes)
     load_state_checked(model, ckpt["state_dict"], f"base checkpoint {recipe.model.checkpoint}")
-    if ckpt.get("fingerprint") not in (None, base_fingerprint(recipe)):
-        _log(echo, f"note: base checkpoint {recipe.model.checkpoint} was pretrained under different data/model/pretrain "
-                   "settings than this recipe; using it as given")
+    # Checkpoints from before "pretrain_fingerprint" hashed target-side settings too: they are not compared.
+    # Without the data (a run dir moved to a device) there is no source split to compare: no note.
+    if isinstance(data, DataBundle) and ckpt.get("pretrain_fingerprint") not in (None, base_fingerprint(recipe, data)):
+        _log(echo, f"note: base checkpoint {recipe.model.checkpoint} was pretrained on other source data or under other "
+                   "model/pretrain settings than this recipe's; using it as given")
     head_name, _ = find_head(model, recipe.model.head)
     return model.eval(), head_name, sha256_file(recipe.model.checkpoint)
 

@@ -33,7 +33,18 @@ MEASUREMENT = {
                       "fused model exported to ONNX is structurally identical to the method-free original "
                       "(toolchain.export.compare_graph_structure), checked on the first seed"),
     "std": "sample standard deviation over seeds (ddof=1; 0 for one seed)",
-    "steps_to_target": "first evaluation step with macro-F1 >= train.target_f1; mean/std over the seeds that reached it",
+    "steps_to_target": ("first evaluation step with macro-F1 >= train.target_f1 (the absolute target) on the curve "
+                        "subsample; mean/std over the seeds that reached it"),
+    "curve": ("macro-F1 every train.eval_every steps on a fixed class-stratified subsample of the target test split "
+              "(bench.eval_subsample windows, drawn once per seed, the same for every method and rate)"),
+    "f1": "macro-F1 / accuracy of the final model on the whole target test split, at the method's chosen learning rate",
+    "lr": ("chosen per method on the validation split: final macro-F1 on data.target_val, mean over seeds, ties broken by "
+           "the lower mean validation cross-entropy, rates where a seed diverged not eligible; the test split is not "
+           "used for choosing"),
+    "convergence": ("per seed, targets zero-shot F1 + fraction x (best final F1 of any method - zero-shot F1) on the "
+                    "curve subsample; steps = first evaluation step reaching it; seconds = training time to that step "
+                    "without evaluations; speed-ups paired by seed against the recipe's method, geometric mean of "
+                    "method/reference over seeds where both reached"),
 }
 
 
@@ -88,6 +99,10 @@ def _pm(mean: float | None, std: float | None, fmt: str) -> str:
     return f"{mean:{fmt}} ± {std:{fmt}}"
 
 
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def _si(n: float) -> str:
     for div, unit in ((1e9, " G"), (1e6, " M"), (1e3, " k")):
         if n >= div:
@@ -118,7 +133,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         "",
         f"{meta['scenario']}; backbone {meta['arch']} (width {meta['width']}, {meta['total_params']:,} parameters); "
         f"{meta['target_train_windows']} labelled target windows; {meta['steps']} steps per method, batch "
-        f"{meta['batch_size']}; {n} seeds {meta['seeds']}; zero-shot target macro-F1 "
+        f"{meta['batch_size']}; {_count(n, 'seed')} {meta['seeds']}; zero-shot target macro-F1 "
         f"{_pm(meta['zero_shot_f1_mean'], meta['zero_shot_f1_std'], '.3f')}.{_trained_on(meta)}",
         "",
         f"| method | macro-F1 | accuracy | trainable | % of model | FLOPs/step (fwd+bwd+opt) | peak train memory | "
@@ -127,7 +142,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        steps = _pm(r["steps_to_target_mean"], r["steps_to_target_std"], ".0f") if r["steps_to_target_reached"] else "never"
+        steps = _pm(r["steps_to_target_mean"], r["steps_to_target_std"], ".0f") if r["steps_to_target_reached"] else "not reached"
         if r["zero_overhead"] is True:
             fused = "yes (graph identical)"
         elif r["mergeable"]:
@@ -147,6 +162,120 @@ def markdown_table(result: dict[str, Any]) -> str:
         "optimizer) plus an estimate of the optimizer's elementwise update; peak memory: parameters + buffers, "
         "gradients, optimizer state and tensors saved for backward, measured on the first step "
         "(on CUDA: the allocator's peak). Ratios: to full fine-tuning on the same device and precision "
-        f"({meta['full_reference']['measured']}). Steps to target: mean over the seeds that reached it.",
+        f"({meta['full_reference']['measured']}). "
+        "Steps to F1 ≥ target: the absolute train.target_f1 on the curve windows, mean over the seeds that reached it; "
+        "the convergence table below uses targets relative to each seed's headroom.",
     ]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- learning rate
+
+
+def selection_fields(lr: float, grid: list[float], chosen: dict[str, Any] | None, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A row's learning-rate figures: the rate it ran at, how it was chosen, the grid's validation F1 per rate
+    (from the selection runs) and the validation F1 of the reported runs."""
+    val = [r["val_f1"] for r in runs]
+    val_mean, val_std = mean_std([v for v in val if v is not None])
+    if chosen is not None:
+        record = chosen["grid"]
+    else:  # one rate: nothing was chosen; its validation F1 comes from the reported runs
+        record = [{"lr": grid[0], "val_f1_mean": val_mean, "val_f1_std": val_std, "val_loss_mean": None,
+                   "val_f1_per_seed": val, "diverged_seeds": 0}]
+    return {"lr": lr, "lr_selected_on": "validation" if chosen is not None else "fixed", "lr_grid": record,
+            "val_f1_mean": val_mean, "val_f1_std": val_std, "val_f1_per_seed": val}
+
+
+def selection_table(result: dict[str, Any]) -> str:
+    rows, meta = result["rows"], result["meta"]
+    rates = sorted({g["lr"] for r in rows for g in r["lr_grid"]})
+    lines = [
+        "## Learning rate, chosen on the validation split",
+        "",
+        f"Validation macro-F1 per learning rate (mean ± std over {_count(len(meta['seeds']), 'seed')}; "
+        f"{meta['target_val_windows']} validation windows"
+        f"{' per seed' if meta['resample_shots'] else ''}); the chosen rate in bold. Chosen by {meta['selection']['criterion']}. "
+        "The test split is not used for choosing. A rate chosen at the end of its grid may not be the method's best "
+        "(widen bench.lr_grid).",
+        "",
+        "| method | " + " | ".join(f"lr {lr:g}" for lr in rates) + " | chosen lr | test macro-F1 at chosen lr |",
+        "|---|" + "---|" * (len(rates) + 2),
+    ]
+    for r in rows:
+        by_lr = {g["lr"]: g for g in r["lr_grid"]}
+        cells = []
+        for lr in rates:
+            g = by_lr.get(lr)
+            if g is None:
+                cells.append("")
+            elif g["diverged_seeds"]:
+                cells.append(f"diverged ({g['diverged_seeds']}/{len(g['val_f1_per_seed'])})")
+            else:
+                text = _pm(g["val_f1_mean"], g["val_f1_std"], ".3f")
+                cells.append(f"**{text}**" if lr == r["lr"] and r["lr_selected_on"] == "validation" else text)
+        how = " (fixed)" if r["lr_selected_on"] != "validation" else _edge(r["lr"], [g["lr"] for g in r["lr_grid"]])
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + f" | {r['lr']:g}{how} | {_pm(r['f1_mean'], r['f1_std'], '.3f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _edge(lr: float, grid: list[float]) -> str:
+    """A rate chosen at the end of its grid may not be the method's best: the grid should go further."""
+    if lr == max(grid):
+        return " (largest in grid)"
+    if lr == min(grid):
+        return " (smallest in grid)"
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------- convergence
+
+
+def _steps_cell(cell: dict[str, Any], n: int, key: str, fmt: str) -> str:
+    if not cell["reached"]:
+        return f"not reached (0/{n})"
+    return f"{_pm(cell[f'{key}_mean'], cell[f'{key}_std'], fmt)} ({cell['reached']}/{n})"
+
+
+def _speedup_cell(s: dict[str, Any] | None, reference: str, method: str) -> str:
+    if s is None:
+        return "—"
+    ratio = f"{s['geomean']:.2f}× ({_count(s['pairs'], 'pair')})" if s["geomean"] is not None else "no pair"
+    others = [f"only {reference} reached: {s['reference_only']}"] if s["reference_only"] else []
+    others += [f"only {method} reached: {s['method_only']}"] if s["method_only"] else []
+    return ratio + (f"; {', '.join(others)}" if others else "")
+
+
+def convergence_table(result: dict[str, Any]) -> str:
+    meta, rows = result["meta"], result["rows"]
+    conv = meta["convergence"]
+    n = len(meta["seeds"])
+    keys = list(conv["targets_per_seed"])
+    last = keys[-1]
+    ref = conv["reference"]
+    zs = ", ".join(f"{v:.3f}" for v in conv["zero_shot_f1_per_seed"])
+    best = ", ".join(f"{v:.3f} ({m})" for v, m in zip(conv["best_final_f1_per_seed"], conv["best_final_method_per_seed"]))
+    header = " | ".join(f"steps to {k}" for k in keys) + f" | seconds to {last}"
+    sep = "---|" * (len(keys) + 1)
+    if ref:
+        header += f" | {ref}'s speed-up to {last}: steps | {ref}'s speed-up to {last}: seconds"
+        sep += "---|---|"
+    lines = [
+        "## Convergence to headroom targets",
+        "",
+        f"Per seed, a target is zero-shot F1 + fraction × (best final F1 of any method − zero-shot F1), scored on the "
+        f"curve subsample ({meta['curve_windows'][0]} target test windows). Zero-shot per seed: {zs}; best final: {best}. "
+        f"Steps: mean ± std over the seeds that reached the target (reached/{n}); seconds: training time to that step, "
+        "evaluations excluded.",
+    ]
+    if ref:
+        lines[-1] += (f" Speed-up: geometric mean over the seeds where both reached of steps (or seconds) of the method ÷ "
+                      f"{ref}'s; > 1 means {ref} got there first.")
+    lines += ["", f"| method | {header} |", "|---|" + sep]
+    for r in rows:
+        c = r["convergence"]
+        cells = [_steps_cell(c[k], n, "steps", ".0f") for k in keys] + [_steps_cell(c[last], n, "seconds", ".2f")]
+        if ref:
+            cells += [_speedup_cell(c[last].get("speedup_of_reference_steps"), ref, r["method"]),
+                      _speedup_cell(c[last].get("speedup_of_reference_seconds"), ref, r["method"])]
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

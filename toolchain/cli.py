@@ -196,19 +196,24 @@ def verify_cmd(engine_dir: Path, engine: str, iterations: int | None, warmup: in
 @click.option("--out", type=click.Path(path_type=Path), help="Output directory (default: runs/bench/<recipe name>).")
 @DEVICE
 @PRECISION
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Training runs in parallel processes, one thread each; results do not depend on it.")
+@click.option("--quiet", is_flag=True, help="No progress bar: one line per finished run instead (also without a terminal).")
 @reports_errors
 def bench_cmd(recipe: Path, methods: str | None, seeds: int | None, out: Path | None, device: str | None,
-              precision: str | None, quiet: bool) -> None:
-    """Compare adaptation methods on the recipe's protocol with equal step budgets over several seeds.
+              precision: str | None, workers: int, quiet: bool) -> None:
+    """Compare adaptation methods on the recipe's protocol with equal step budgets over several seeds,
+    each at its learning rate chosen on the validation split (bench.lr_grid).
 
-    Writes bench.json, bench.md and F1 plots (pretrains the base first when model.checkpoint is missing)."""
+    Writes bench.json, bench.md and plots (pretrains the base first when model.checkpoint is missing)."""
     from .stages.bench import parse_methods, run_bench
 
     if seeds is not None and seeds <= 0:
         raise EdgetoolError(f"--seeds must be a positive number of seeds, got {seeds}")
     r = load_with_device(recipe, device, precision)
-    run_bench(r, parse_methods(methods, r.bench.methods), seeds, out, progress=not quiet, echo=echo)
+    if workers <= 0:
+        raise EdgetoolError(f"--workers must be a positive number of processes, got {workers}")
+    run_bench(r, parse_methods(methods, r.bench.methods), seeds, out, progress=not quiet, echo=echo, workers=workers)
 
 
 if __name__ == "__main__":

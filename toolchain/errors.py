@@ -17,6 +17,10 @@ class NotMergeableError(EdgetoolError):
     """The adaptation method cannot be folded into the dense weights without adding inference cost."""
 
 
+class DivergedError(EdgetoolError):
+    """Training's loss became NaN or inf (the learning rate is too high for this method). Exit 2."""
+
+
 class InternalError(RuntimeError):
     """A broken invariant of edgetool itself, not of the user's input: the CLI reports it as an internal
     error (exit 3), never as bad input."""

@@ -184,6 +184,15 @@ class BenchConfig(_Strict):
     resample_shots: bool = Field(
         True, description="seed i re-draws the few target shots with data seed (seed + i); the source split must not change")
     timing_steps: int = Field(10, gt=0, description="timed training steps per method and seed (median = wall time per step)")
+    lr_grid: list[float] | None = Field(
+        None, min_length=1, description="learning rates every method is tried at; each method's rate is chosen on the "
+        "validation split (data.target_val). Unset: each method trains at train.lr (or its train_overrides lr)")
+    lr_grids: dict[str, list[float]] = Field(default_factory=dict, description="per-method grid, replacing lr_grid")
+    eval_subsample: int = Field(256, ge=0, description="training curves are scored on a fixed stratified subsample of "
+                                "this many target test windows (0: the whole test split); final scores use all of it")
+    convergence_fractions: list[float] = Field(
+        default_factory=lambda: [0.5, 0.9], min_length=1,
+        description="convergence targets: zero-shot F1 + fraction x (best final F1 of any method - zero-shot F1), per seed")
 
     @field_validator("methods")
     @classmethod
@@ -196,7 +205,31 @@ class BenchConfig(_Strict):
             raise ValueError("list at least one method")
         return v
 
-    @field_validator("method_overrides", "train_overrides")
+    @field_validator("lr_grid")
+    @classmethod
+    def _grid(cls, v: list[float] | None) -> list[float] | None:
+        return None if v is None else _check_grid(v)
+
+    @field_validator("lr_grids")
+    @classmethod
+    def _grids(cls, v: dict[str, list[float]]) -> dict[str, list[float]]:
+        for method, grid in v.items():
+            try:
+                _check_grid(grid)
+            except ValueError as exc:
+                raise ValueError(f"{method}: {exc}") from None
+        return v
+
+    @field_validator("convergence_fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0 < f <= 1 for f in v):
+            raise ValueError("every fraction must be in (0, 1]")
+        if len(set(v)) != len(v):
+            raise ValueError("lists a fraction more than once")
+        return sorted(v)
+
+    @field_validator("method_overrides", "train_overrides", "lr_grids")
     @classmethod
     def _keys_are_methods(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         known = method_names()
@@ -213,6 +246,28 @@ class BenchConfig(_Strict):
             if shared:
                 raise ValueError(f"{method}: {shared} must be equal for every method (set them in 'train')")
         return v
+
+    @model_validator(mode="after")
+    def _one_source_of_lr(self) -> "BenchConfig":
+        for method, fields in self.train_overrides.items():
+            if "lr" in fields and (self.lr_grid is not None or method in self.lr_grids):
+                raise ValueError(f"train_overrides.{method}.lr: this method's rate is chosen from its learning-rate "
+                                 f"grid; give it its own grid in bench.lr_grids.{method} instead")
+        return self
+
+    def rate_grid(self, method: str) -> list[float] | None:
+        """The learning rates `method` is tried at, or None (it trains at its one configured rate)."""
+        return self.lr_grids.get(method, self.lr_grid)
+
+
+def _check_grid(grid: list[float]) -> list[float]:
+    if not grid:
+        raise ValueError("a learning-rate grid lists at least one rate")
+    if any(not lr > 0 for lr in grid):
+        raise ValueError(f"learning rates must be positive, got {grid}")
+    if len(set(grid)) != len(grid):
+        raise ValueError(f"lists a learning rate more than once: {grid}")
+    return sorted(grid)
 
 
 class Recipe(_Strict):

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .data import Split
 from .device import training_device
 from .metrics import evaluate
-from .errors import EdgetoolError
+from .errors import DivergedError
 from .methods.base import AdaptationMethod
 from .recipe import OptimConfig
 
@@ -31,6 +31,7 @@ class EvalPoint:
     step: int
     f1: float
     accuracy: float
+    seconds: float = 0.0  # training time up to this step, evaluations excluded
 
 
 @dataclass
@@ -46,7 +47,8 @@ class TrainResult:
     skipped_steps: int = 0  # fp16: optimizer steps the gradient scaler skipped (overflowed gradients)
 
     def curve_rows(self) -> list[dict]:
-        return [asdict(p) for p in self.curve]
+        """The curve for a run record: step, F1, accuracy (timing left out, so identical runs record identically)."""
+        return [{k: v for k, v in asdict(p).items() if k != "seconds"} for p in self.curve]
 
 
 def _tensor_bytes(tensors) -> int:
@@ -115,22 +117,25 @@ def fit(
 
     curve: list[EvalPoint] = []
     steps_to_target = None
+    eval_seconds = 0.0
 
     def record(step: int) -> None:
-        nonlocal steps_to_target
+        nonlocal steps_to_target, eval_seconds
         if eval_split is None:
             return
+        before = time.perf_counter()
         f1, acc = evaluate(model, eval_split)
-        curve.append(EvalPoint(step, f1, acc))
+        curve.append(EvalPoint(step, f1, acc, before - start - eval_seconds))
+        eval_seconds += time.perf_counter() - before
         if steps_to_target is None and f1 >= cfg.target_f1:
             steps_to_target = step
 
+    start = time.perf_counter()
     record(0)
     order = np.empty(0, dtype=np.int64)
     memory: dict[str, int] = {}
     skipped = 0
     peak = 0
-    start = time.perf_counter()
     # disable=None: tqdm hides itself when stderr is not a terminal (CI logs stay readable).
     bar = tqdm(range(1, cfg.steps + 1), desc=desc, disable=None if progress else True, leave=False, unit="step")
     for step in bar:
@@ -152,7 +157,7 @@ def fit(
             loss = loss_fn(model(X[ix]), y[ix])
         if not torch.isfinite(loss):
             hint = " or train in bf16/fp32" if td.precision == "fp16" else ""
-            raise EdgetoolError(f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate{hint}")
+            raise DivergedError(f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate{hint}")
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if step == 1:

@@ -111,7 +111,8 @@ def _adapt(recipe: Recipe, out_dir: Path, progress: bool, echo, method_cfg: Meth
     }
     size = write_run(out_dir, recipe, method_cfg, payload, metrics, [(p.step, p.f1) for p in result.curve])
     _log(echo, f"target macro-F1 {f1_before:.3f} -> {f1_after:.3f} (accuracy {acc_before:.3f} -> {acc_after:.3f}), "
-               f"steps to F1>={recipe.train.target_f1:g}: {result.steps_to_target}, {result.train_seconds:.1f} s on "
+               f"steps to F1>={recipe.train.target_f1:g}: "
+               f"{'not reached' if result.steps_to_target is None else result.steps_to_target}, {result.train_seconds:.1f} s on "
                f"{result.device['name']} ({result.device['precision']}); "
                f"adapter {size} bytes -> {out_dir}")
     for warning in warnings:

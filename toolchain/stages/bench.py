@@ -1,12 +1,19 @@
-"""Stage `bench`: every adaptation method on the recipe's source -> target protocol, same budget.
+"""Stage `bench`: every adaptation method on the recipe's source -> target protocol, same budget, each at
+a learning rate chosen on the validation split.
 
-For each seed the methods see the same few target shots and the same batches in the same order
-(`fit`'s order depends only on the seed, batch size and step count, which `BenchConfig` keeps shared),
-so differences between rows come from the methods. Output directory:
-  bench.json        one row per method: mean/std over seeds of every measured figure (+ per-seed values)
-  bench.md          the same as a markdown table
-  f1_vs_step.png    mean macro-F1 on the target test split against training step, one line per method
-  f1_vs_params.png  final mean macro-F1 against trainable parameters
+Two phases. Selection (toolchain.selection): every method with a learning-rate grid trains at each rate on
+every seed and is scored on the validation split only; its rate is the one with the best mean final
+validation macro-F1. Report: every method trains again at its chosen rate on every seed and is measured;
+only here is the test split used. For each seed the methods see the same few target shots and the same
+batches in the same order (`fit`'s order depends only on the seed, batch size and step count, which
+`BenchConfig` keeps shared), so differences between rows come from the methods. Runs go to `--workers`
+processes (toolchain.benchjobs); each depends only on its (method, seed, rate). Output directory:
+  bench.json        one row per method: mean/std over seeds of every measured figure (+ per-seed values), the
+                    learning-rate grid with validation F1 per rate, and convergence to headroom targets
+  bench.md          the same as markdown tables
+  f1_vs_step.png    macro-F1 (fixed subsample of the test split) against training step, mean and seed spread
+  f1_vs_params.png  final macro-F1 against trainable parameters
+  val_f1_vs_lr.png  validation macro-F1 against learning rate, per method (when rates were chosen)
 
 How each figure is measured: toolchain.benchreport.MEASUREMENT (also written into bench.json). Zero
 inference overhead is the same proof fuse-export makes (toolchain.fusion.prove_fusion), plus the
@@ -15,33 +22,36 @@ fused model's ONNX graph compared with the original's.
 
 from __future__ import annotations
 
-import copy
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from pydantic import ValidationError
-from torch import nn
 from tqdm import tqdm
 
 from ..artifacts import atomic_dir, atomic_write_json, atomic_write_text, claimed_output, default_output
 from ..basemodel import build_adapted, check_model_io, ensure_base_model, original_model
-from ..benchreport import MEASUREMENT, add_cost_ratios, mean_std, markdown_table, summarise
+from ..benchjobs import Job, ReportInputs, RunPool, curve_subsample, report_run
+from ..benchreport import (MEASUREMENT, add_cost_ratios, convergence_table, markdown_table, mean_std, selection_fields,
+                           selection_table, summarise)
+from ..convergence import convergence
 from ..data import DataBundle, load_data
 from ..device import training_device
 from ..enginedir import onnx_name
-from ..errors import EdgetoolError, InternalError, NotMergeableError
-from ..export import compare_graph_structure, export_onnx
-from ..fusion import prove_fusion
+from ..errors import EdgetoolError, InternalError
+from ..export import export_onnx
 from ..methods.settings import MethodSettings, method_names, settings_for
 from ..metrics import evaluate
 from ..models import count_params
-from ..plots import plot_f1_curves, plot_scatter
+from ..plots import plot_f1_curves, plot_lr_grid, plot_scatter
 from ..recipe import OptimConfig, Recipe, check_inputs_exist, format_validation_error
-from ..traincost import adapter_bytes, full_step_cost, measure_step_flops, time_train_steps
-from ..train import fit, seed_everything
+from ..selection import CRITERION as SELECTION_CRITERION
+from ..selection import check_validation, rate_grids, select_rates
+from ..traincost import full_step_cost
 
 # What a bench directory always holds: `--out` may replace only a directory that has them.
 BENCH_FILES = ("bench.json", "bench.md")
@@ -96,48 +106,65 @@ def seed_data(recipe: Recipe, index: int, base_data: DataBundle) -> DataBundle:
     return data
 
 
-def fusion_row(method, adapted: nn.Module, original: nn.Module, original_onnx: Path, sample: torch.Tensor,
-               X: np.ndarray, workdir: Path, recipe: Recipe) -> dict[str, Any]:
-    """fuse-export's proof (architecture + equivalence), then the fused ONNX graph against the original's:
-    identical graph and proof passed = zero inference overhead."""
-    try:
-        proof = prove_fusion(method, adapted, original, X, recipe.fuse.atol, recipe.fuse.rtol,
-                             source=f"method '{method.name}'")
-    except NotMergeableError as exc:
-        return {"mergeable": False, "zero_overhead": False, "overhead_reason": str(exc), "fused_max_abs_diff": None}
-    row: dict[str, Any] = {"mergeable": True, "fused_max_abs_diff": proof.equivalence.max_abs_error,
-                           "architecture_identical": not proof.architecture_differences,
-                           "fusion_equivalent": proof.equivalence.passed}
-    path = workdir / f"fused-{method.name}.onnx"
-    export_onnx(proof.fused, sample, path, recipe.fuse.opset)
-    graph = compare_graph_structure(original_onnx, path)
-    reasons = list(proof.failures)
-    if not graph.identical:
-        reasons.append("fused graph differs from the original: " + "; ".join(graph.differences[:3]))
-    row["zero_overhead"] = not reasons
-    row["overhead_reason"] = "; ".join(reasons) or None
-    return row
+class _Progress:
+    """A bar over all runs on a terminal; otherwise (or with --quiet) one line per finished run."""
+
+    def __init__(self, total: int, name: str, seeds: list[int], progress: bool, echo):
+        self.lines = echo is not None and (not progress or not sys.stderr.isatty())
+        self.echo, self.seeds, self.total, self.done = echo, seeds, total, 0
+        self.bar = tqdm(total=total, desc=f"bench {name}", unit="run", disable=True if self.lines or not progress else None)
+
+    def _finish(self, text: str) -> None:
+        self.done += 1
+        self.bar.update(1)
+        if self.lines:
+            self.echo(f"[{self.done}/{self.total}] {text}")
+
+    def selected(self, job: Job, r: dict[str, Any]) -> None:
+        val = f"{r['val_f1']:.3f}" if r["val_f1"] is not None else "— (diverged)"
+        self._finish(f"select {job.method} seed {self.seeds[job.seed_index]} lr {job.lr:g}: val F1 {val} "
+                     f"({r['seconds']:.1f} s)")
+
+    def reported(self, job: Job, r: dict[str, Any]) -> None:
+        val = f"{r['val_f1']:.3f}" if r["val_f1"] is not None else "—"
+        self._finish(f"report {job.method} seed {self.seeds[job.seed_index]} lr {job.lr:g}: val F1 {val}, "
+                     f"test F1 {r['f1']:.3f} ({r['seconds']:.1f} s)")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def run_bench(recipe: Recipe, methods: list[str] | None = None, seeds: int | None = None, out_dir: Path | None = None,
-              progress: bool = True, echo=print) -> Path:
-    """Run every method over `seeds` seeds with the recipe's shared budget; write the bench directory."""
+              progress: bool = True, echo=print, workers: int = 1) -> Path:
+    """Choose each method's learning rate on the validation split, then run every method at its rate over
+    `seeds` seeds with the recipe's shared budget; write the bench directory."""
+    began = time.perf_counter()
     check_inputs_exist(recipe)
     training_device(recipe.train.device, recipe.train.precision, "train")  # refuse before any work
     methods = list(methods) if methods is not None else list(recipe.bench.methods)
     n_seeds = recipe.bench.seeds if seeds is None else seeds
     if n_seeds <= 0:
         raise EdgetoolError(f"--seeds must be a positive number of seeds, got {n_seeds}")
+    if workers <= 0:
+        raise EdgetoolError(f"--workers must be a positive number of processes, got {workers}")
     configs = method_configs(recipe, methods)
+    grids = rate_grids(recipe, configs)
     out_dir = Path(out_dir) if out_dir is not None else default_output(Path("runs") / "bench", recipe.name)
     with claimed_output(out_dir, BENCH_FILES, "an edgetool bench directory",
                         (("model.checkpoint", recipe.model.checkpoint),)):
-        return _run_bench(recipe, methods, n_seeds, configs, out_dir, progress, echo)
+        return _run_bench(recipe, methods, n_seeds, configs, grids, out_dir, progress, echo, workers, began)
 
 
 def _run_bench(recipe: Recipe, methods: list[str], n_seeds: int, configs: dict[str, tuple[MethodSettings, OptimConfig]],
-               out_dir: Path, progress: bool, echo) -> Path:
+               grids: dict[str, list[float]], out_dir: Path, progress: bool, echo, workers: int, began: float) -> Path:
     base_data = load_data(recipe.data, recipe.seed)
+    if echo is not None:
+        for note in base_data.notes:
+            echo(f"note: {note}")
     base, head_name, _ = ensure_base_model(recipe, base_data, progress, echo)
     original = original_model(base, head_name, base_data)
     check_model_io(original, base_data)
@@ -150,67 +177,44 @@ def _run_bench(recipe: Recipe, methods: list[str], n_seeds: int, configs: dict[s
                 echo(f"note: {name}: {note}")
 
     seed_values = [recipe.seed + i for i in range(n_seeds)]
-    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
-    once: dict[str, dict[str, Any]] = {}
-    zero_shot = []
-    device_info: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="edgetool-bench-") as tmp:
-        workdir = Path(tmp)
-        sample = torch.from_numpy(base_data.target_test.X[:1])
-        original_onnx = workdir / onnx_name("original", "fp32")
-        export_onnx(original, sample, original_onnx, recipe.fuse.opset)
-        bar = tqdm(total=len(methods) * n_seeds, desc=f"bench {recipe.name}", unit="run",
-                   disable=None if progress else True)
-        for index, seed in enumerate(seed_values):
-            data = seed_data(recipe, index, base_data)
-            zero_shot.append(evaluate(original, data.target_test)[0])
-            for name in methods:
-                bar.set_postfix(method=name, seed=seed)
-                mcfg, tcfg = configs[name]
-                # Adapter initialisation (e.g. LoRA's A) draws from the global RNG: seed it per run so a
-                # method's result does not depend on which methods ran before it.
-                seed_everything(seed)
-                model, method = build_adapted(mcfg, base, head_name, data)
-                trainable = sum(p.numel() for _, p in method.trainable_parameters(model))
-                if name not in once:
-                    once[name] = {
-                        "description": method.description,
-                        "config": mcfg.model_dump(mode="json"),
-                        "train": tcfg.model_dump(mode="json"),
-                        "trainable_params": trainable,
-                        "total_params": total,
-                        "trainable_pct": 100.0 * trainable / total,
-                        **measure_step_flops(model, method, tcfg, data.target_train),
-                    }
-                elif once[name]["trainable_params"] != trainable:
-                    raise InternalError(f"method '{name}' trains {trainable} parameters on seed {seed}, "
-                                        f"{once[name]['trainable_params']} on the first seed")
-                untrained = copy.deepcopy(model)
-                result = fit(model, method, data.target_train, tcfg, seed, eval_split=data.target_test,
-                             desc=f"{name} seed {seed}", progress=False)
-                f1, acc = evaluate(model, data.target_test)
-                model.cpu()  # fusion and export run on the CPU whatever device trained
-                device_info = device_info or result.device
-                if index == 0:
-                    once[name].update(fusion_row(method, model, original, original_onnx, sample, data.target_test.X,
-                                                 workdir, recipe))
-                runs[name].append({
-                    "seed": seed,
-                    "f1": f1,
-                    "accuracy": acc,
-                    "steps_to_target": result.steps_to_target,
-                    "train_seconds": result.train_seconds,
-                    "peak_memory_bytes": result.peak_memory_bytes,
-                    "memory_breakdown": result.memory_breakdown,
-                    "curve": result.curve,
-                    "adapter_bytes": adapter_bytes(method, model),
-                    "wall_seconds_per_step": time_train_steps(untrained, method, tcfg, data.target_train,
-                                                              recipe.bench.timing_steps),
-                })
-                bar.update(1)
-        bar.close()
+    bundles = [seed_data(recipe, i, base_data) for i in range(n_seeds)]
+    if any(len(g) > 1 for g in grids.values()):
+        check_validation(recipe, bundles)
+    n_select = sum(len(g) for g in grids.values() if len(g) > 1) * n_seeds
+    shown = _Progress(n_select + len(methods) * n_seeds, recipe.name, seed_values, progress, echo)
+    with tempfile.TemporaryDirectory(prefix="edgetool-bench-") as tmp, RunPool(workers, Path(tmp)) as pool:
+        try:
+            chosen = select_rates(configs, grids, base, head_name, seed_values, bundles, pool, shown.selected)
+            rates = {m: chosen[m]["lr"] if m in chosen else grids[m][0] for m in methods}
+            curve_splits = [curve_subsample(b.target_test, recipe.bench.eval_subsample, recipe.seed) for b in bundles]
+            original_onnx = Path(tmp) / onnx_name("original", "fp32")
+            export_onnx(original, torch.from_numpy(base_data.target_test.X[:1]), original_onnx, recipe.fuse.opset)
+            inputs = ReportInputs(recipe, base, head_name, configs, seed_values, bundles, curve_splits, original,
+                                  original_onnx, Path(tmp))
+            jobs = [Job(m, i, rates[m]) for m in methods for i in range(n_seeds)]
+            reports = pool.run(report_run, jobs, inputs, shown.reported)
+        finally:
+            shown.close()
 
-    rows = [summarise(name, runs[name], once[name]) for name in methods]
+    rows = []
+    for name in methods:
+        runs = [reports[Job(name, i, rates[name])] for i in range(n_seeds)]
+        if len({r["trainable_params"] for r in runs}) != 1:
+            raise InternalError(f"method '{name}' trains a different number of parameters on different seeds")
+        once = {**runs[0]["once"], "trainable_params": runs[0]["trainable_params"], "total_params": total,
+                "trainable_pct": 100.0 * runs[0]["trainable_params"] / total}
+        row = summarise(name, runs, once)
+        row.update(selection_fields(rates[name], grids[name], chosen.get(name), runs))
+        rows.append(row)
+    zero_shot = [evaluate(original, b.target_test)[0] for b in bundles]
+    zero_shot_curve = [evaluate(original, s)[0] for s in curve_splits]
+    reference = recipe.method.name if recipe.method.name in methods else None
+    conv_run, conv_rows = convergence({r["method"]: [p for p in (reports[Job(r["method"], i, rates[r["method"]])]["curve"]
+                                                                 for i in range(n_seeds))] for r in rows},
+                                      zero_shot_curve, recipe.bench.convergence_fractions, reference)
+    for row in rows:
+        row["convergence"] = conv_rows[row["method"]]
+
     if "full" in methods:
         full_row = next(r for r in rows if r["method"] == "full")
         reference = {"peak_memory_bytes": full_row["peak_memory_bytes_mean"],
@@ -222,6 +226,8 @@ def _run_bench(recipe: Recipe, methods: list[str], n_seeds: int, configs: dict[s
         reference = {**full_step_cost(mcfg, tcfg, base, head_name, base_data, recipe.seed, recipe.bench.timing_steps),
                      "measured": "separately on the first seed (full is not among the benched methods)"}
     add_cost_ratios(rows, reference)
+    device_info = reports[Job(methods[0], 0, rates[methods[0]])]["device"]
+
     zs_mean, zs_std = mean_std(zero_shot)
     scenario = (f"new classes ({base_data.num_source_classes} source classes -> {base_data.num_classes} target classes)"
                 if base_data.num_classes > base_data.num_source_classes else "distribution shift")
@@ -235,7 +241,10 @@ def _run_bench(recipe: Recipe, methods: list[str], n_seeds: int, configs: dict[s
             "total_params": total,
             "class_names": base_data.class_names,
             "target_train_windows": len(base_data.target_train),
+            "target_val_windows": len(base_data.target_val),
             "target_test_windows": len(base_data.target_test),
+            "curve_windows": [len(s) for s in curve_splits],
+            "protocol": base_data.protocol_record(),
             "seeds": seed_values,
             "resample_shots": recipe.bench.resample_shots,
             "steps": recipe.train.steps,
@@ -244,24 +253,41 @@ def _run_bench(recipe: Recipe, methods: list[str], n_seeds: int, configs: dict[s
             "target_f1": recipe.train.target_f1,
             "zero_shot_f1_mean": zs_mean,
             "zero_shot_f1_std": zs_std,
+            "selection": {"criterion": SELECTION_CRITERION, "grids": grids, "selected": rates},
+            "convergence": conv_run,
             "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads(),  # this process's: pretraining a missing base used it
+            "threads_per_run": 1,
+            "workers": workers,
+            "wall_seconds": time.perf_counter() - began,
             "device": device_info,
             "full_reference": reference,
             "measurement": MEASUREMENT,
         },
         "rows": rows,
     }
-    table = markdown_table(result)
+    table = markdown_table(result) + "\n" + selection_table(result) + "\n" + convergence_table(result)
+    seeds_text = _plural(n_seeds, "seed")
     with atomic_dir(out_dir) as tmp:
         atomic_write_json(tmp / "bench.json", result)
         atomic_write_text(tmp / "bench.md", table)
-        plot_f1_curves({r["method"]: [(p["step"], p["f1_mean"]) for p in r["curve_mean"]] for r in rows},
-                       tmp / "f1_vs_step.png", f"{recipe.name}: mean over {n_seeds} seeds", target=recipe.train.target_f1)
-        plot_scatter({r["method"]: (r["trainable_params"], r["f1_mean"]) for r in rows}, tmp / "f1_vs_params.png",
-                     "trainable parameters", "final macro-F1 (target test, mean over seeds)",
+        plot_f1_curves({r["method"]: [(p["step"], p["f1_mean"], p["f1_std"]) for p in r["curve_mean"]] for r in rows},
+                       tmp / "f1_vs_step.png", f"{recipe.name}: mean ± std over {seeds_text}", target=recipe.train.target_f1,
+                       ylabel=f"macro-F1 ({_curve_label(curve_splits, bundles)})")
+        plot_scatter({r["method"]: (r["trainable_params"], r["f1_mean"], r["f1_std"]) for r in rows}, tmp / "f1_vs_params.png",
+                     "trainable parameters", f"final macro-F1 (target test, mean ± std over {seeds_text})",
                      f"{recipe.name}: F1 vs trainable parameters")
+        if chosen:
+            plot_lr_grid({m: [(g["lr"], g["val_f1_mean"], g["val_f1_std"]) for g in c["grid"]] for m, c in chosen.items()},
+                         {m: c["lr"] for m, c in chosen.items()}, tmp / "val_f1_vs_lr.png",
+                         f"{recipe.name}: validation F1 per learning rate ({seeds_text})")
     if echo is not None:
         echo(table.rstrip())
-        echo(f"-> {out_dir}")
+        echo(f"-> {out_dir} ({time.perf_counter() - began:.0f} s)")
     return out_dir
+
+
+def _curve_label(curve_splits, bundles) -> str:
+    if all(len(s) == len(b.target_test) for s, b in zip(curve_splits, bundles)):
+        return "target test split"
+    return f"fixed subsample of {len(curve_splits[0])} target test windows"
