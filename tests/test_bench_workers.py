@@ -20,7 +20,7 @@ from toolchain.cli import main
 TINY = {"train": {"steps": 10, "lr": 0.01, "batch_size": 12, "eval_every": 5},
         "bench": {"timing_steps": 2, "lr_grid": [0.003, 0.03], "eval_subsample": 20}}
 # Measured times differ between any two runs; everything else must not.
-TIMING_KEYS = ("train_seconds", "wall_seconds", "seconds", "speedup_of_reference_seconds", "workers")
+TIMING_KEYS = ("train_seconds", "wall_seconds", "seconds", "speedup_of_reference_seconds", "workers", "step_time_vs_full")
 
 
 def _without_timing(value):

@@ -141,10 +141,13 @@ def test_bench_device_is_shared(make_recipe):
 
 
 def test_base_fingerprint_ignores_where_it_trained(make_recipe):
+    from toolchain.data import load_data
+
     plain = make_recipe("fp")
+    data = load_data(plain.data, plain.seed)
     moved = make_recipe("fp", pretrain={"device": "cpu", "precision": "bf16"})
-    assert base_fingerprint(plain) == base_fingerprint(moved)
-    assert base_fingerprint(plain) != base_fingerprint(make_recipe("fp", pretrain={"lr": 0.02}))
+    assert base_fingerprint(plain, data) == base_fingerprint(moved, data)
+    assert base_fingerprint(plain, data) != base_fingerprint(make_recipe("fp", pretrain={"lr": 0.02}), data)
 
 
 # ---- training in fp16 / bf16 on the CPU, and what is recorded --------------------------------------
