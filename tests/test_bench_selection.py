@@ -133,8 +133,14 @@ def test_selection_runs_never_see_the_test_split(make_recipe, tmp_path):
     assert not set(seen) & test
     assert val <= set(seen)  # the validation windows were scored
 
-    with RunPool(1, tmp_path) as pool:
-        poisoned = select_rates(configs, grids, base, head_name, seeds, [_poisoned(b) for b in bundles], pool)
+    # The same instrumentation for the poisoned run: a global hook sends training down the plain autograd path
+    # instead of the lean step (equal gradients, but not bit for bit), and the comparison is exact.
+    hook = register_module_forward_pre_hook(lambda module, args: None)
+    try:
+        with RunPool(1, tmp_path) as pool:
+            poisoned = select_rates(configs, grids, base, head_name, seeds, [_poisoned(b) for b in bundles], pool)
+    finally:
+        hook.remove()
     assert poisoned == clean
     assert set(clean) == {"head", "ttlora"} and all(c["lr"] in (0.001, 0.03) for c in clean.values())
 

@@ -32,6 +32,12 @@ def conv(kind: str) -> nn.Module:
     return CONV_KINDS[kind][0]()
 
 
+def with_padding_mode(c: nn.Module, padding_mode: str) -> nn.Module:
+    """`c` with another padding mode (a conv without padding is the same in every mode)."""
+    c.padding_mode = padding_mode
+    return c
+
+
 def dense_kinds() -> list[str]:
     """Kinds with groups == 1, zero padding and no dilation: what HF PEFT's conv LoRA/DoRA also handles."""
     return [k for k in CONV_KINDS

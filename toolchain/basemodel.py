@@ -65,7 +65,7 @@ def base_fingerprint(recipe: Recipe, data: DataBundle) -> str:
         digest.update(array.tobytes())
     resolved = recipe.resolved_dict()
     # Where and in what precision the base trained is recorded in the checkpoint, not part of what it is.
-    pretrain = {k: v for k, v in resolved["pretrain"].items() if k not in ("device", "precision")}
+    pretrain = {k: v for k, v in resolved["pretrain"].items() if k not in ("device", "precision", "lean_step")}
     settings = {"source_classes": data.class_names[: data.num_source_classes], "pretrain": pretrain,
                 "seed": recipe.seed, "model": {k: v for k, v in resolved["model"].items() if k != "checkpoint"}}
     digest.update(json.dumps(settings, sort_keys=True).encode())

@@ -29,6 +29,9 @@ MEASUREMENT = {
                           "(meta.full_reference says whether full was a benched row or measured on its own)"),
     "peak_memory_vs_full": "peak_memory_bytes_mean / full fine-tuning's, same device and precision, same run",
     "adapter_bytes": "len(torch.save(method.adapter_state(model)))",
+    "lean_step": ("with train.lean_step (the default) the measured steps (fit's, the timed and the FLOP-counted one) run "
+                  "through toolchain.lean: frozen layers keep only what the gradients need; TT-LoRA computes no dense "
+                  "weight gradient"),
     "zero_overhead": ("fuse-export's fusion proof (architecture, per-layer and end-to-end equivalence) passes and the "
                       "fused model exported to ONNX is structurally identical to the method-free original "
                       "(toolchain.export.compare_graph_structure), checked on the first seed"),

@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import Split
+from .lean import lean_training
 from .device import training_device
 from .metrics import evaluate
 from .errors import DivergedError
@@ -153,7 +154,7 @@ def fit(
                 resident = torch.cuda.memory_allocated(td.device)
         else:
             saved_tensors = contextlib.nullcontext()
-        with saved_tensors, td.autocast():
+        with saved_tensors, td.autocast(), lean_training(model, enabled=cfg.lean_step):  # toolchain/lean/
             loss = loss_fn(model(X[ix]), y[ix])
         if not torch.isfinite(loss):
             hint = " or train in bf16/fp32" if td.precision == "fp16" else ""

@@ -14,6 +14,7 @@ from torch import nn
 
 from .basemodel import build_adapted
 from .device import TrainingDevice, training_device
+from .lean import lean_training
 from .recipe import OptimConfig
 from .train import fit, seed_everything
 
@@ -26,9 +27,9 @@ WEIGHT_DECAY_FLOPS_PER_ELEMENT = {"adam": 2, "adamw": 0, "sgd": 2}
 
 
 def _train_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor,
-                td: TrainingDevice, scaler) -> None:
-    """One step as `fit` takes it (autocast forward, scaled backward for fp16)."""
-    with td.autocast():
+                td: TrainingDevice, scaler, lean: bool) -> None:
+    """One step as `fit` takes it (autocast forward, lean step, scaled backward for fp16)."""
+    with td.autocast(), lean_training(model, enabled=lean):
         loss = nn.functional.cross_entropy(model(xb), yb)
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -84,7 +85,7 @@ def measure_step_flops(model: nn.Module, method, cfg: OptimConfig, split) -> dic
     method.set_train_mode(model)
     xb, yb = _batch(split, cfg)
     fix = grouped_conv_backward_fix()
-    with FlopCounterMode(display=False, custom_mapping=fix) as fc:
+    with FlopCounterMode(display=False, custom_mapping=fix) as fc, lean_training(model, enabled=cfg.lean_step):
         loss = nn.functional.cross_entropy(model(xb), yb)
     forward = fc.get_total_flops()
     opt.zero_grad(set_to_none=True)
@@ -123,13 +124,13 @@ def time_train_steps(model: nn.Module, method, cfg: OptimConfig, split, steps: i
         if td.device.type == "cuda":
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
-            _train_step(model, opt, xb, yb, td, scaler)
+            _train_step(model, opt, xb, yb, td, scaler, cfg.lean_step)
             end.record()
             end.synchronize()
             seconds = begin.elapsed_time(end) / 1000.0
         else:
             start = time.perf_counter()
-            _train_step(model, opt, xb, yb, td, scaler)
+            _train_step(model, opt, xb, yb, td, scaler, cfg.lean_step)
             seconds = time.perf_counter() - start
         if i >= warmup:
             times.append(seconds)
