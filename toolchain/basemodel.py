@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .console import say
 from .artifacts import sha256_file
 from .data import DataBundle
 from .errors import EdgetoolError
@@ -30,10 +31,6 @@ from .models import (build_model, count_params, extend_head, find_head, load_sta
 from .recipe import Recipe
 from .train import fit, seed_everything
 
-
-def _log(echo, msg: str) -> None:
-    if echo is not None:
-        echo(msg)
 
 
 @dataclass(frozen=True)
@@ -93,7 +90,7 @@ def train_base(recipe: Recipe, data: DataBundle, progress: bool = True, echo=pri
         "trained_on": result.device,
     }
     save_base_checkpoint(recipe.model.checkpoint, model, meta)
-    _log(echo, f"pretrained {recipe.model.arch} on {len(data.source_train)} source windows: "
+    say(echo, f"pretrained {recipe.model.arch} on {len(data.source_train)} source windows: "
                f"train macro-F1 {f1:.3f}, {result.train_seconds:.1f} s on {result.device['name']} "
                f"({result.device['precision']}) -> {recipe.model.checkpoint}")
     return {"checkpoint": str(recipe.model.checkpoint), "source_train_f1": f1, "source_train_accuracy": acc}
@@ -107,7 +104,7 @@ def load_base_model(recipe: Recipe, data: Shapes, echo=print) -> tuple[nn.Module
     # Checkpoints from before "pretrain_fingerprint" hashed target-side settings too: they are not compared.
     # Without the data (a run dir moved to a device) there is no source split to compare: no note.
     if isinstance(data, DataBundle) and ckpt.get("pretrain_fingerprint") not in (None, base_fingerprint(recipe, data)):
-        _log(echo, f"note: base checkpoint {recipe.model.checkpoint} was pretrained on other source data or under other "
+        say(echo, f"note: base checkpoint {recipe.model.checkpoint} was pretrained on other source data or under other "
                    "model/pretrain settings than this recipe's; using it as given")
     head_name, _ = find_head(model, recipe.model.head)
     return model.eval(), head_name, sha256_file(recipe.model.checkpoint)
@@ -116,7 +113,7 @@ def load_base_model(recipe: Recipe, data: Shapes, echo=print) -> tuple[nn.Module
 def ensure_base_model(recipe: Recipe, data: DataBundle, progress: bool = True, echo=print) -> tuple[nn.Module, str, str]:
     """load_base_model, training the base on the source domain first when its checkpoint is missing."""
     if not recipe.model.checkpoint.exists():
-        _log(echo, f"base checkpoint {recipe.model.checkpoint} is missing: pretraining it first")
+        say(echo, f"base checkpoint {recipe.model.checkpoint} is missing: pretraining it first")
         train_base(recipe, data, progress=progress, echo=echo)
     return load_base_model(recipe, data, echo)
 

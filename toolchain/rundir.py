@@ -29,6 +29,7 @@ import torch
 import yaml
 from torch import nn
 
+from .console import say
 from .artifacts import atomic_dir, atomic_write_json, read_json
 from .basemodel import ModelSpec, Shapes, build_adapted, load_base_model, original_model
 from .data import DataBundle, load_data
@@ -48,10 +49,6 @@ PATH_FIELDS = (("model", "checkpoint"), ("data", "train_path"), ("data", "test_p
 # Without data, at least this many seeded random windows (fuse.random_inputs when larger) stand in.
 MIN_RANDOM_INPUTS = 32
 
-
-def _log(echo, msg: str) -> None:
-    if echo is not None:
-        echo(msg)
 
 
 def run_id(recipe: Recipe, method_cfg: MethodSettings, base_sha256: str) -> str:
@@ -164,7 +161,7 @@ def locate_inputs(recipe: Recipe, metrics: dict[str, Any], where: Path, echo=Non
         path = getattr(cfg, key)
         alt = recorded.get(f"{section}.{key}")
         if path is not None and not path.exists() and alt and Path(alt).exists():
-            _log(echo, f"note: {section}.{key} {path} (relative to {where}) is not there; using {alt}, where it was "
+            say(echo, f"note: {section}.{key} {path} (relative to {where}) is not there; using {alt}, where it was "
                        "when the run was written")
             setattr(cfg, key, Path(alt))
 

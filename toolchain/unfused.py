@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from .console import say
 from .backends.base import BACKENDS, Backend, Runner
 from .backends.onnxruntime import ort_session
 from .backends.pytorch import TorchRunner
@@ -90,7 +91,6 @@ def unfused_comparison(adapted, fused, backend: Backend, ed: EngineDir, X: np.nd
                 time_pair("onnxruntime", ru, rf)
         else:
             ratio["onnxruntime"] = None
-            if echo is not None:
-                echo(f"note: unfused adapted model {note}; timed in PyTorch only")
+            say(echo, f"note: unfused adapted model {note}; timed in PyTorch only")
     return {"unfused_latency_ratio": ratio, "unfused_latency_ms": ms, "unfused_onnx": info, "unfused_iterations": iters,
             "torch_threads": TORCH_TIMING_THREADS}

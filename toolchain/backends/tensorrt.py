@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..console import say
 from ..artifacts import atomic_write_bytes, atomic_write_json, sha256_file
 from ..enginedir import GRAPHS
 from ..errors import EdgetoolError
@@ -281,9 +282,8 @@ class TensorRTBackend(Backend):
             stale[g] = engine_staleness(paths[g], _sidecar(paths[g]), sources[g], keys[g])
         if any(stale.values()):
             cache = ed.timing_cache(version, slug)
-            if echo is not None:
-                why = "; ".join(f"{g}: {w}" for g, w in stale.items() if w)
-                echo(f"building TensorRT engines for original and fused ({why}; {plan.mode}, timing cache {cache.name})")
+            why = "; ".join(f"{g}: {w}" for g, w in stale.items() if w)
+            say(echo, f"building TensorRT engines for original and fused ({why}; {plan.mode}, timing cache {cache.name})")
             for g in GRAPHS:
                 atomic_write_bytes(paths[g], self._build(ed, sources[g], plan, cache))
                 atomic_write_json(_sidecar(paths[g]), keys[g])
@@ -355,8 +355,7 @@ class TensorRTBackend(Backend):
         if exe is None:
             return {"trtexec": "not found (looked on the PATH and in /usr/src/tensorrt/bin)"}
         plan = self.plan(batch_sizes)
-        if echo is not None:
-            echo(f"cross-checking GPU latency with {exe}")
+        say(echo, f"cross-checking GPU latency with {exe}")
         runs: dict[str, dict[str, Any]] = {}
         for g, path in self.engines(ed, batch_sizes).items():
             runs[g] = {str(b): run_trtexec(trtexec_command(exe, path, ed.input_name, (b, *ed.input_shape), i))

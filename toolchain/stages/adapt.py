@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..console import say, say_notes
 from ..artifacts import claimed_output, default_output, remove_stale_temps
 from ..basemodel import build_adapted, check_model_io, ensure_base_model, original_model, train_base
 from ..data import DataBundle, load_data
@@ -18,14 +19,6 @@ from ..device import training_device
 from ..train import fit, seed_everything
 
 
-def _log(echo, msg: str) -> None:
-    if echo is not None:
-        echo(msg)
-
-
-def _notes(echo, notes: list[str]) -> None:
-    for note in notes:
-        _log(echo, f"note: {note}")
 
 
 def pretrain(recipe: Recipe, data: DataBundle | None = None, progress: bool = True, echo=print,
@@ -43,7 +36,7 @@ def pretrain(recipe: Recipe, data: DataBundle | None = None, progress: bool = Tr
     training_device(recipe.pretrain.device, recipe.pretrain.precision, "pretrain")  # refuse before any work
     remove_stale_temps(ckpt)  # a checkpoint write killed mid-way
     data = data or load_data(recipe.data, recipe.seed)
-    _notes(echo, data.notes)
+    say_notes(echo, data.notes)
     return train_base(recipe, data, progress=progress, echo=echo)
 
 
@@ -60,18 +53,18 @@ def adapt(recipe: Recipe, out_dir: Path | None = None, progress: bool = True, ec
 
 def _adapt(recipe: Recipe, out_dir: Path, progress: bool, echo, method_cfg: MethodSettings, device) -> Path:
     data = load_data(recipe.data, recipe.seed)
-    _notes(echo, data.notes)
+    say_notes(echo, data.notes)
     base, head_name, base_sha = ensure_base_model(recipe, data, progress, echo)
     seed_everything(recipe.seed)  # methods with random initialisation (LoRA's A) start the same every run
     model, method = build_adapted(method_cfg, base, head_name, data)
-    _notes(echo, method.notes)
+    say_notes(echo, method.notes)
     check_model_io(model, data)
     model.to(device)
 
     f1_before, acc_before = evaluate(model, data.target_test)
     trainable = sum(p.numel() for _, p in method.trainable_parameters(model))
     total = count_params(original_model(base, head_name, data))
-    _log(echo, f"{method.name}: {trainable} trainable of {total} parameters ({100 * trainable / total:.2f} %); "
+    say(echo, f"{method.name}: {trainable} trainable of {total} parameters ({100 * trainable / total:.2f} %); "
                f"zero-shot target macro-F1 {f1_before:.3f}")
     result = fit(model, method, data.target_train, recipe.train, recipe.seed, eval_split=data.target_test,
                  desc=f"adapt[{method.name}]", progress=progress)
@@ -110,11 +103,11 @@ def _adapt(recipe: Recipe, out_dir: Path, progress: bool, echo, method_cfg: Meth
         "curve": result.curve_rows(),
     }
     size = write_run(out_dir, recipe, method_cfg, payload, metrics, [(p.step, p.f1) for p in result.curve])
-    _log(echo, f"target macro-F1 {f1_before:.3f} -> {f1_after:.3f} (accuracy {acc_before:.3f} -> {acc_after:.3f}), "
+    say(echo, f"target macro-F1 {f1_before:.3f} -> {f1_after:.3f} (accuracy {acc_before:.3f} -> {acc_after:.3f}), "
                f"steps to F1>={recipe.train.target_f1:g}: "
                f"{'not reached' if result.steps_to_target is None else result.steps_to_target}, {result.train_seconds:.1f} s on "
                f"{result.device['name']} ({result.device['precision']}); "
                f"adapter {size} bytes -> {out_dir}")
     for warning in warnings:
-        _log(echo, f"warning: {warning}")
+        say(echo, f"warning: {warning}")
     return Path(out_dir)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
+from ..console import say
 from ..artifacts import claimed_output, sha256_file
 from ..basemodel import build_adapted, check_io, load_base_model, original_model
 from ..data import load_data
@@ -26,10 +27,6 @@ from ..models import count_params, read_base_checkpoint
 from ..recipe import Recipe
 from ..rundir import RUN_FILES, WHAT, data_missing, read_adapter, recorded_spec, run_id, write_run
 
-
-def _log(echo, msg: str) -> None:
-    if echo is not None:
-        echo(msg)
 
 
 def _adapter_method(payload: dict[str, Any], recipe: Recipe, adapter: Path, echo) -> MethodSettings:
@@ -45,7 +42,7 @@ def _adapter_method(payload: dict[str, Any], recipe: Recipe, adapter: Path, echo
     except ValidationError as exc:
         raise EdgetoolError(f"{adapter}: its recorded method settings are not valid here ({exc.errors()[0]['msg']})") from None
     if cfg != recipe.method:
-        _log(echo, f"note: using the adapter's method settings {cfg.model_dump(mode='json')} (the recipe says "
+        say(echo, f"note: using the adapter's method settings {cfg.model_dump(mode='json')} (the recipe says "
                    f"{recipe.method.model_dump(mode='json')})")
     return cfg
 
@@ -78,7 +75,7 @@ def _apply(adapter: Path, payload: dict[str, Any], recipe: Recipe, out_dir: Path
                                 f"{data.class_names}")
         spec = data
     else:
-        _log(echo, f"note: {why_no_data}; the run records no F1 (fuse-export and verify fall back to random windows)")
+        say(echo, f"note: {why_no_data}; the run records no F1 (fuse-export and verify fall back to random windows)")
         spec = recorded_spec(payload, {}, recipe.model.checkpoint)
     if tuple(payload.get("input_shape") or spec.input_shape) != tuple(spec.input_shape):
         raise EdgetoolError(f"{adapter} was trained on inputs shaped {tuple(payload['input_shape'])}, the recipe's data "
@@ -116,8 +113,8 @@ def _apply(adapter: Path, payload: dict[str, Any], recipe: Recipe, out_dir: Path
     size = write_run(out, recipe, method_cfg, record, metrics, [])
     scored = ("" if data is None else
               f"; target macro-F1 {metrics['f1_before']:.3f} (base) -> {metrics['f1_after']:.3f} (adapted)")
-    _log(echo, f"applied {method.name} adapter {adapter.name} ({metrics['adapter_params']} numbers) to base "
+    say(echo, f"applied {method.name} adapter {adapter.name} ({metrics['adapter_params']} numbers) to base "
                f"{recipe.model.checkpoint.name} (sha256 {sha[:12]}){scored}; adapter {size} bytes -> {out_dir}")
     for warning in metrics["warnings"]:
-        _log(echo, f"warning: {warning}")
+        say(echo, f"warning: {warning}")
     return out_dir

@@ -33,6 +33,7 @@ import torch
 from pydantic import ValidationError
 from tqdm import tqdm
 
+from ..console import say, say_notes
 from ..artifacts import atomic_dir, atomic_write_json, atomic_write_text, claimed_output, default_output
 from ..basemodel import build_adapted, check_model_io, ensure_base_model, original_model
 from ..benchjobs import Job, ReportInputs, RunPool, curve_subsample, report_run
@@ -162,9 +163,7 @@ def run_bench(recipe: Recipe, methods: list[str] | None = None, seeds: int | Non
 def _run_bench(recipe: Recipe, methods: list[str], n_seeds: int, configs: dict[str, tuple[MethodSettings, OptimConfig]],
                grids: dict[str, list[float]], out_dir: Path, progress: bool, echo, workers: int, began: float) -> Path:
     base_data = load_data(recipe.data, recipe.seed)
-    if echo is not None:
-        for note in base_data.notes:
-            echo(f"note: {note}")
+    say_notes(echo, base_data.notes)
     base, head_name, _ = ensure_base_model(recipe, base_data, progress, echo)
     original = original_model(base, head_name, base_data)
     check_model_io(original, base_data)
@@ -172,9 +171,7 @@ def _run_bench(recipe: Recipe, methods: list[str], n_seeds: int, configs: dict[s
     # Inject every method once before any training: one that does not fit this model (a layer selection
     # matching no conv, a linear adapter on grouped convs only) fails now, not after the others have run.
     for name, (mcfg, _) in configs.items():
-        for note in build_adapted(mcfg, base, head_name, base_data)[1].notes:
-            if echo is not None:
-                echo(f"note: {name}: {note}")
+        say_notes(echo, build_adapted(mcfg, base, head_name, base_data)[1].notes, prefix=f"{name}: ")
 
     seed_values = [recipe.seed + i for i in range(n_seeds)]
     bundles = [seed_data(recipe, i, base_data) for i in range(n_seeds)]
@@ -281,9 +278,8 @@ def _run_bench(recipe: Recipe, methods: list[str], n_seeds: int, configs: dict[s
             plot_lr_grid({m: [(g["lr"], g["val_f1_mean"], g["val_f1_std"]) for g in c["grid"]] for m, c in chosen.items()},
                          {m: c["lr"] for m, c in chosen.items()}, tmp / "val_f1_vs_lr.png",
                          f"{recipe.name}: validation F1 per learning rate ({seeds_text})")
-    if echo is not None:
-        echo(table.rstrip())
-        echo(f"-> {out_dir} ({time.perf_counter() - began:.0f} s)")
+    say(echo, table.rstrip())
+    say(echo, f"-> {out_dir} ({time.perf_counter() - began:.0f} s)")
     return out_dir
 
 

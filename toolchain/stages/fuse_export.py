@@ -22,6 +22,7 @@ import onnx
 import torch
 
 from .. import export as ex
+from ..console import say_notes
 from ..artifacts import atomic_write_json, sha256_file
 from ..backends.onnxruntime import run_onnx
 from ..enginedir import claimed_export_dir, failed_report_path, onnx_name, seal, writing
@@ -52,8 +53,7 @@ def _fuse_export(run: AdaptedRun, run_dir: Path, out: Path, echo, inputs: Path |
     if cfg.opset > ex.MAX_OPSET:
         raise EdgetoolError(f"recipe field 'fuse.opset': {cfg.opset} is above what the exporter supports ({ex.MAX_OPSET})")
     ev = evaluation_inputs(run, inputs)
-    for note in ev.notes:
-        echo(f"note: {note}")
+    say_notes(echo, ev.notes)
     shape = tuple(run.spec.input_shape)
     extra = [ev.extra] + ([seeded_inputs(cfg.random_inputs, shape, run.recipe.seed)] if ev.data_available else [])
     proof = prove_fusion(run.method, run.adapted, run.original, np.concatenate([ev.X, *extra]),

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from ..console import say, say_notes
 from ..backends import select_backend
 from ..backends.base import Backend, Runner
 from ..backends.engine_inspect import compare_engine_layers
@@ -48,10 +49,6 @@ from ..parity import (FAIL, INCONCLUSIVE, NOISE_FACTOR, PASS, WARNING, AccuracyR
 from ..recipe import VerifyConfig
 from ..unfused import unfused_comparison
 from ..rundir import AdaptedRun, evaluation_inputs, load_run
-
-def _log(echo, msg: str) -> None:
-    if echo is not None:
-        echo(msg)
 
 
 def structure_checks(ed: EngineDir, backend: Backend) -> list[Check]:
@@ -219,7 +216,7 @@ def verify(engine_dir: Path | str, engine: str = "auto", echo=print, iterations:
     hashes = engine_file_hashes(ed)
     checks = integrity_checks(ed, hashes, allow_modified)
     backend, selection = select_backend(engine)
-    _log(echo, f"engine: {backend.name} ({selection})")
+    say(echo, f"engine: {backend.name} ({selection})")
     _apply_trt_build(backend, trt_build, echo)
     run, cfg, batch_sizes, test = _load_run_and_inputs(ed, iterations, warmup, inputs, echo)
     warnings = _warnings(run, cfg) + [c.message for c in checks if c.verdict == WARNING]
@@ -243,7 +240,7 @@ def verify(engine_dir: Path | str, engine: str = "auto", echo=print, iterations:
     ed.write_verify_reports(report, junit_xml(checks, "edgetool.verify", {
         "engine": backend.name, "precision": report["precision"], "engine_dir": str(ed.path.resolve()),
         "verdict": report["verdict"], **{f"sha256.{f}": h for f, h in hashes.items()}}, warnings))
-    _log(echo, summary(report, checks, ed.path))
+    say(echo, summary(report, checks, ed.path))
     if report["failed_checks"]:
         first = next(c for c in checks if c.failed)
         raise ParityError(f"parity check failed: {', '.join(report['failed_checks'])} ({first.message}); "
@@ -272,10 +269,9 @@ def _load_run_and_inputs(ed: EngineDir, iterations: int | None, warmup: int | No
     if not batch_sizes or any(b <= 0 for b in batch_sizes):
         raise EdgetoolError(f"recipe field 'verify.batch_sizes' must list positive sizes, got {cfg.batch_sizes}")
     test = evaluation_inputs(run, inputs if run.data is None else None)
-    for note in test.notes:
-        _log(echo, f"note: {note}")
+    say_notes(echo, test.notes)
     if inputs is not None and run.data is not None:
-        _log(echo, "note: --inputs not used: the run's data is here, so verify checks on its target test split")
+        say(echo, "note: --inputs not used: the run's data is here, so verify checks on its target test split")
     if tuple(test.X.shape[1:]) != ed.input_shape:
         raise EdgetoolError(f"the run's target data is shaped {tuple(test.X.shape[1:])} but the engines expect "
                             f"{ed.input_shape}: ENGINE_DIR was exported from another run")
@@ -343,7 +339,7 @@ def _apply_trt_build(backend: Backend, trt_build: str | None, echo) -> None:
     if backend.name == "tensorrt":
         backend.build = trt_build
     else:
-        _log(echo, f"note: --trt-build {trt_build} ignored: the engine is {backend.name}")
+        say(echo, f"note: --trt-build {trt_build} ignored: the engine is {backend.name}")
 
 
 def summary(report: dict[str, Any], checks: list[Check], engine_dir: Path) -> str:
