@@ -166,7 +166,7 @@ class Step:
 
     def memory_cpu(self) -> int:
         """fit's account of the first step: gradients + optimizer state + bytes saved for backward."""
-        meter = SavedActivationMeter({p.untyped_storage().data_ptr() for p in self.model.parameters()})
+        meter = SavedActivationMeter.for_model(self.model)
         with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
             loss = self.forward()
         self.opt.zero_grad(set_to_none=True)

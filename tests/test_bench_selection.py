@@ -45,10 +45,17 @@ def test_a_rate_that_diverged_on_any_seed_is_not_eligible():
     assert choose({0.1: _runs(0.0, diverged=(0,))})[0] is None
 
 
-def test_ties_go_to_the_lower_validation_loss_then_the_smaller_rate():
-    assert choose({0.03: _runs(1.0, 1.0, loss=0.2), 0.003: _runs(1.0, 1.0, loss=0.4)})[0] == 0.03
-    assert choose({0.03: _runs(0.8, 0.9), 0.003: _runs(0.9, 0.8)})[0] == 0.003
-    # the loss only breaks ties: a better F1 wins whatever its loss
+def test_the_smallest_rate_within_one_standard_error_of_the_best_is_chosen():
+    # best 0.03: mean 0.85, std 0.0707 over 2 seeds, SE 0.05; 0.01 (0.82) is within it, 0.003 (0.7) is not
+    assert choose({0.003: _runs(0.7, 0.7), 0.01: _runs(0.82, 0.82), 0.03: _runs(0.8, 0.9)})[0] == 0.01
+    # a difference far below the seeds' spread (here 0.002 against an SE of 0.1) does not decide
+    assert choose({0.01: _runs(0.5, 0.7), 0.03: _runs(0.502, 0.702)})[0] == 0.01
+    # no spread at the best rate: only an equal mean qualifies; exact ties go to the smaller rate
+    assert choose({0.003: _runs(0.9, 0.9), 0.03: _runs(1.0, 1.0)})[0] == 0.03
+    assert choose({0.03: _runs(1.0, 1.0, loss=0.2), 0.003: _runs(1.0, 1.0, loss=0.4)})[0] == 0.003
+    # one seed: no standard error, the best mean wins
+    assert choose({0.003: _runs(0.89), 0.03: _runs(0.9)})[0] == 0.03
+    # the validation loss is recorded, not used
     assert choose({0.03: _runs(0.9, 0.9, loss=2.0), 0.003: _runs(0.8, 0.8, loss=0.1)})[0] == 0.03
 
 
@@ -172,7 +179,9 @@ def test_bench_reports_the_grid_and_the_chosen_rate(make_recipe, tmp_path):
     assert result["meta"]["selection"]["grids"] == {"head": [0.001, 0.03], "ttlora": [0.001, 0.03]}
     for row in result["rows"]:
         assert row["lr_selected_on"] == "validation" and [g["lr"] for g in row["lr_grid"]] == [0.001, 0.03]
-        chosen = max(row["lr_grid"], key=lambda g: (g["val_f1_mean"], -g["val_loss_mean"]))
+        best = max(row["lr_grid"], key=lambda g: g["val_f1_mean"])
+        floor = best["val_f1_mean"] - best["val_f1_std"] / np.sqrt(len(best["val_f1_per_seed"]))
+        chosen = next(g for g in row["lr_grid"] if g["val_f1_mean"] >= floor)
         assert row["lr"] == chosen["lr"] == result["meta"]["selection"]["selected"][row["method"]]
         # the reported runs at the chosen rate are the selection runs again: same validation F1, seed by seed
         assert row["val_f1_per_seed"] == chosen["val_f1_per_seed"]

@@ -7,8 +7,6 @@ a deterministic byte count (saved_tensors_hooks, storages once, as fit's meter c
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +14,9 @@ from torch import nn
 
 import toolchain.lean.functions as lean_functions
 import toolchain.lean.plan as lean_plan
+import toolchain.lean.sidepath as lean_sidepath
 from toolchain.lean import lean_training
+from toolchain.lean.geometry import ConvGeometry
 from toolchain.methods.registry import get_method
 from toolchain.methods.settings import settings_for
 from toolchain.methods.ttlora import TTLoRAConv
@@ -112,8 +112,8 @@ def ttlora_block(conv: nn.Module, tail: str, rank: int = 3) -> nn.Module:
 def test_ttlora_gradients_equal_the_dense_formulation(kind, padding_mode, monkeypatch):
     """G1's gradient, the input gradient and the output equal TTLoRAConv's W + Delta W path, for the
     side-output and the saved-input variants and both ways of producing the side output."""
-    for side_path in ("separate", "combined"):
-        monkeypatch.setattr(lean_functions, "SIDE_PATH", side_path)
+    for side_path in ("separate", "factored", "combined"):
+        monkeypatch.setattr(lean_sidepath, "SIDE_PATH", side_path)
         for save_input in (False, True):
             monkeypatch.setattr(lean_plan.Unit, "_save_input", lambda self, shape, s=save_input: s)
             for tail in ("alone", "bn_relu", "relu6"):
@@ -122,6 +122,24 @@ def test_ttlora_gradients_equal_the_dense_formulation(kind, padding_mode, monkey
                 with lean_training(model) as plan:
                     assert plan.treatments  # the lean path really runs
                 assert_same_training(model, x)
+
+
+@pytest.mark.parametrize("conv, factored", [
+    (nn.Conv1d(16, 24, 5, padding=2), True),                  # r1 r2 (C_in + k) = 16 x 21 < 8 x 16 x 5
+    (nn.Conv1d(16, 24, 1), False),                            # a 1x1 conv: K is already one small conv
+    (nn.Conv1d(16, 16, 5, padding=2, groups=4), False),       # grouped: K runs per group
+    (nn.Conv2d(16, 24, 3, padding=1), False),                 # 2-D: three frozen cores
+])
+def test_factored_side_conv_where_it_is_cheaper(conv, factored):
+    """The side output through the cores (1x1 to r1 r2 channels, then G3's taps) is chosen for a Conv1d with
+    groups = 1 when it takes fewer multiply-adds than the padded K conv, and it equals conv(x, K)."""
+    layer = TTLoRAConv(conv, 4)
+    k, side = lean_functions.contracted_cores(layer)
+    assert (side.pointwise is not None) == factored
+    if factored:
+        geo = ConvGeometry.of(conv)
+        x = torch.randn(3, 16, 40, generator=torch.Generator().manual_seed(0))
+        assert rel(side.conv(x, geo, k.shape[0]), geo.conv(x, k, None)) <= TOL
 
 
 def test_side_output_or_input_whichever_is_smaller():
@@ -194,6 +212,48 @@ def test_every_method_trains_identically(method_key, backbone):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), n
 
 
+# Methods whose trainable parameters sit next to frozen convs and eval BatchNorms, not inside them: the lean
+# step runs aten's own backward ops for those layers, so on the CPU in fp32 training is the plain path's bit
+# for bit (TT-LoRA's G1 gradient is a different contraction, equal to rounding only).
+BIT_EXACT_METHODS = [k for k, v in METHODS.items() if v["name"] not in ("ttlora", "full") and v.get("bn") != "stats"]
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("method_key", BIT_EXACT_METHODS)
+def test_frozen_layer_methods_train_bit_for_bit(method_key, backbone):
+    model, _, x = adapted(method_key, backbone)
+    y0, gx0, g0 = run(model, x, lean_on=False)
+    y1, gx1, g1 = run(model, x, lean_on=True)
+    assert torch.equal(y1, y0) and torch.equal(gx1, gx0)
+    assert g0.keys() == g1.keys() and g0
+    for name in g0:
+        assert torch.equal(g1[name], g0[name]), name
+
+
+@pytest.mark.parametrize("padding_mode", PADDING_MODES)
+@pytest.mark.parametrize("kind", sorted(zoo.CONV_KINDS))
+def test_frozen_conv_bn_relu_gradients_are_the_plain_ones_bit_for_bit(kind, padding_mode):
+    """Every conv kind in every padding mode, frozen, with a trainable conv bias and BatchNorm shift
+    (the `bias` method's case): input and bias gradients equal autograd's exactly."""
+    conv = CONVS[kind](padding_mode)
+    bn_type = nn.BatchNorm1d if isinstance(conv, nn.Conv1d) else nn.BatchNorm2d
+    model = nn.Sequential(conv, bn_type(conv.out_channels), nn.ReLU())
+    randomise_bn(model)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if conv.bias is not None:
+        conv.bias.requires_grad_(True)
+    model[1].bias.requires_grad_(True)
+    x = input_for(conv)
+    y0, gx0, g0 = run(model, x, lean_on=False)
+    y1, gx1, g1 = run(model, x, lean_on=True)
+    assert torch.equal(y1, y0) and torch.equal(gx1, gx0)
+    assert g0.keys() == g1.keys() and "1.bias" in g0
+    for name in g0:
+        assert torch.equal(g1[name], g0[name]), name
+
+
 def test_lean_changes_nothing_about_the_model():
     """Inside the context the module tree and the state dict (keys, tensors, storage) are the model's
     own; on exit no override is left, so copies, fusion and export see the plain model."""
@@ -229,11 +289,23 @@ def test_lean_forward_equals_the_fused_model(method_key, backbone):
 def saved_bytes(model: nn.Module, method, x: torch.Tensor, y: torch.Tensor, lean_on: bool) -> int:
     """Bytes autograd keeps for backward, counted exactly as fit's SavedActivationMeter counts them."""
     method.set_train_mode(model)
-    meter = SavedActivationMeter({p.untyped_storage().data_ptr() for p in model.parameters()})
+    meter = SavedActivationMeter.for_model(model)
     with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack), lean_training(model, enabled=lean_on):
         loss = nn.functional.cross_entropy(model(x), y)
     loss.backward()
     return meter.bytes
+
+
+def test_the_meter_counts_activations_not_the_models_own_tensors():
+    """An eval BatchNorm's backward keeps its input and the model's running statistics and weight: only the
+    input is an activation (the model's tensors are counted once, as parameters and buffers)."""
+    bn = nn.BatchNorm1d(8).eval()
+    x = torch.randn(4, 8, 16, requires_grad=True)
+    meter = SavedActivationMeter.for_model(bn)
+    with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+        y = bn(x * 2.0)
+    y.sum().backward()
+    assert meter.bytes == x.numel() * x.element_size()
 
 
 @pytest.mark.parametrize("arch,width,bound", [("resnet1d", 48, 0.25), ("mobilenet1d", 32, 0.4)])
@@ -388,8 +460,8 @@ def test_cuda_fp32_equals_the_dense_formulation(kind, monkeypatch):
     """On CUDA with TF32 off (TF32 convs/matmuls round to 10 mantissa bits and would hide real errors)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    for side_path in ("combined", "separate"):
-        monkeypatch.setattr(lean_functions, "SIDE_PATH", side_path)
+    for side_path in ("combined", "separate", "factored"):
+        monkeypatch.setattr(lean_sidepath, "SIDE_PATH", side_path)
         model = ttlora_block(CONVS[kind]("zeros"), "bn_relu").cuda()
         assert_same_training(model, input_for(model[0].base).cuda())
 

@@ -41,9 +41,9 @@ MEASUREMENT = {
     "curve": ("macro-F1 every train.eval_every steps on a fixed class-stratified subsample of the target test split "
               "(bench.eval_subsample windows, drawn once per seed, the same for every method and rate)"),
     "f1": "macro-F1 / accuracy of the final model on the whole target test split, at the method's chosen learning rate",
-    "lr": ("chosen per method on the validation split: final macro-F1 on data.target_val, mean over seeds, ties broken by "
-           "the lower mean validation cross-entropy, rates where a seed diverged not eligible; the test split is not "
-           "used for choosing"),
+    "lr": ("chosen per method on the validation split: final macro-F1 on data.target_val, mean over seeds; the smallest "
+           "rate within one standard error of the best mean (toolchain/selection.py), rates where a seed diverged not "
+           "eligible; the test split is not used for choosing"),
     "convergence": ("per seed, targets zero-shot F1 + fraction x (best final F1 of any method - zero-shot F1) on the "
                     "curve subsample; steps = first evaluation step reaching it; seconds = training time to that step "
                     "without evaluations; speed-ups paired by seed against the recipe's method, geometric mean of "

@@ -1,14 +1,20 @@
 """Choosing each method's learning rate on the validation split, never on the test split.
 
 Criterion: the final macro-F1 on data.target_val after the full step budget, mean over the bench's seeds;
-one rate per method (the same for all of its seeds). A few validation windows often give several rates the
-same F1 (all 1.0, say), so ties are broken by the lower mean validation cross-entropy, then by the smaller
-rate. A rate at which any seed's loss diverged is not eligible: a rate that blows up on some draws is not
+one rate per method (the same for all of its seeds). The rate chosen is the smallest whose mean is within
+one standard error of the best mean (the best rate's sample standard deviation over seeds / sqrt(seeds)):
+the "one-standard-error rule" of model selection (Hastie, Tibshirani & Friedman, The Elements of
+Statistical Learning, 7.10), with the smaller rate as the more conservative choice (it moves the
+pretrained model less). A few validation windows per seed make the means coarse and noisy (with 8 windows
+one prediction moves a seed's F1 by about 0.1); picking the strict maximum would let differences far
+below that noise, down to float rounding in training, decide the rate. Exact ties go to the smaller rate
+too. A rate at which any seed's loss diverged is not eligible: a rate that blows up on some draws is not
 one a user could pick. Final rather than best-step F1: the bench reports the final model, and picking a
 step would be a second choice made on a few validation windows."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 from .benchjobs import Job, RunPool, SelectionInputs, selection_run, selection_view
@@ -19,8 +25,8 @@ from .methods.settings import MethodSettings
 from .recipe import OptimConfig, Recipe
 
 CRITERION = ("final macro-F1 on the validation split (data.target_val) after train.steps, mean over seeds; one rate "
-             "per method; ties broken by the lower mean validation cross-entropy, then the smaller rate; rates where "
-             "any seed diverged are not eligible")
+             "per method: the smallest rate whose mean is within one standard error (sample std over seeds / "
+             "sqrt(seeds)) of the best rate's mean; rates where any seed diverged are not eligible")
 
 
 def rate_grids(recipe: Recipe, configs: dict[str, tuple[MethodSettings, OptimConfig]]) -> dict[str, list[float]]:
@@ -52,8 +58,10 @@ def choose(scores: dict[float, list[dict[str, Any]]]) -> tuple[float | None, lis
     eligible = [g for g in grid if g["val_f1_mean"] is not None]
     if not eligible:
         return None, grid
-    # max() keeps the first of equal keys, and the grid is in increasing rate: exact ties go to the smaller rate
-    return max(eligible, key=lambda g: (g["val_f1_mean"], -g["val_loss_mean"]))["lr"], grid
+    best = max(eligible, key=lambda g: g["val_f1_mean"])
+    floor = best["val_f1_mean"] - best["val_f1_std"] / math.sqrt(len(best["val_f1_per_seed"]))
+    # the grid is in increasing rate: the first rate at or above the floor is the smallest within one SE
+    return next(g for g in eligible if g["val_f1_mean"] >= floor)["lr"], grid
 
 
 def select_rates(configs: dict[str, tuple[MethodSettings, OptimConfig]], grids: dict[str, list[float]], base, head_name: str,

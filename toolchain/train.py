@@ -62,12 +62,17 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
 
 class SavedActivationMeter:
     """Counts the bytes autograd keeps for backward (the activation part of training memory), by
-    hooking saved tensors; parameters that autograd also saves are skipped (already counted)."""
+    hooking saved tensors; the model's parameters and buffers that autograd also saves (weights,
+    BatchNorm statistics) are skipped: they are counted as the model's own bytes."""
 
     def __init__(self, skip: set[int]):
         self.skip = skip
         self.bytes = 0
         self._seen: set[tuple[int, int]] = set()
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> "SavedActivationMeter":
+        return cls({t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())})
 
     def pack(self, t: torch.Tensor):
         if t.device.type == "cpu" or t.is_cuda:
@@ -146,7 +151,7 @@ def fit(
         ix = torch.from_numpy(idx).to(td.device)
         method.set_train_mode(model)
         if step == 1:  # the first step is metered (see the docstring); the rest run plain
-            meter = SavedActivationMeter({p.untyped_storage().data_ptr() for p in model.parameters()})
+            meter = SavedActivationMeter.for_model(model)
             saved_tensors = torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack)
             if on_cuda:
                 td.synchronize()

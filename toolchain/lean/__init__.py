@@ -11,8 +11,9 @@ Functions that save what their *input* gradient and their *trainable* parameters
 
 - a frozen Conv1d/Conv2d (every padding mode, stride, dilation, groups; its bias may train): nothing
   but its weight, which is a parameter anyway;
-- an eval-mode BatchNorm1d/2d whose scale is frozen (its shift may train): nothing; in the backward its
-  scale s folds into the preceding conv's weight (a weight-size product, not an activation pass);
+- an eval-mode BatchNorm1d/2d whose scale is frozen (its shift may train): nothing. Its backward is
+  aten's own BatchNorm backward (after a frozen conv), or, after a TT-LoRA conv, its scale s folded into
+  that conv's weight (a weight-size product, not an activation pass);
 - ReLU / ReLU6: a bool mask instead of the fp32 output (1 byte instead of 4 per element), or the output
   itself when the next layer keeps it anyway;
 - `TTLoRAConv`: the frozen cores G2.. are contracted once into K (r x C_in/groups x k...). Next to the
@@ -28,8 +29,12 @@ Sequential's forward) run as one autograd node.
 
 The forward runs the plain path's own ops on the same tensors (the conv with W + Delta W formed as
 TTLoRAConv forms it, F.batch_norm in eval mode, the same clamp), so the output is the plain path's bit for
-bit; gradients equal it to float rounding. That matters beyond tidiness: few-shot Adam runs from a
-zero-initialised update amplify rounding differences into different final F1 (docs/benchmarks.md).
+bit. The backward of frozen convs and BatchNorms runs the ops autograd's own nodes run (convolution_backward
+and native_batch_norm_backward, given shape-only stand-ins for the activations they do not read), so on the
+CPU in fp32 the methods that train around frozen layers (lora, dora, adapter, bias, bn, head, galore) get
+the plain path's gradients bit for bit; TT-LoRA's G1 gradient is a different contraction of the same sum
+and equals it to float rounding. That matters beyond tidiness: few-shot Adam runs from a zero-initialised
+update amplify rounding differences into different final F1 (docs/benchmarks.md).
 
 Nothing about the model changes: `forward` is overridden per instance and restored on exit, so the
 module tree, parameters, buffers and state dict are the ones fusion and export see. Anything not

@@ -14,8 +14,9 @@ from torch import nn
 from ..methods.base import BN_TYPES
 from ..methods.ttlora import TTLoRAConv
 
-from .functions import (CONV_CLASSES, RELU, RELU6, ConvGeometry, LayerSpec, LeanActivation, LeanLayer, bn_scale,
-                        contracted_cores, _autocast_off)
+from .functions import RELU, RELU6, LayerSpec, LeanActivation, LeanLayer, bn_scale, contracted_cores
+from .geometry import CONV_CLASSES, ConvGeometry
+from .precision import autocast_off
 
 
 # ---------------------------------------------------------------------------------------------- eligibility
@@ -153,7 +154,7 @@ class Unit:
         if self.ttlora is not None:
             # Delta W exactly as TTLoRAConv forms it, in the weight's dtype (autocast casts the conv, not
             # this product); G1's gradient comes from the side path, so no graph.
-            with torch.no_grad(), _autocast_off(x.device.type):
+            with torch.no_grad(), autocast_off(x.device.type):
                 delta = self.ttlora._delta(conv.weight.dtype)
             g1 = self.ttlora.g1
             k, k_side = contracted_cores(self.ttlora)
