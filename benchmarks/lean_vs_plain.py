@@ -6,9 +6,11 @@ runs/bench-plain/<recipe>/bench.json (the same recipes with `train: {lean_step: 
 and compares every method's chosen rate and per-seed test F1. For each (recipe, method, seed) whose F1 differs
 by more than --tolerance it reruns that one training run with plain autograd and with the lean step, on 1 and
 on 2 threads: the plain path's own run-to-run spread on that seed is what to read a difference against.
+--rerun RECIPE,METHOD,SEED_INDEX reruns that one as well (at the rate the lean bench chose), differing or not.
 Writes <results>/lean-vs-plain.md.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lean_vs_plain.py [--run] [--results DIR] [--plain DIR]
+        [--rerun bench-newclass-mobilenet1d,ttlora,0]
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ def main() -> int:
     ap.add_argument("--plain", type=Path, default=REPO / "runs" / "bench-plain", help="the plain-autograd benches")
     ap.add_argument("--tolerance", type=float, default=0.01, help="per-seed F1 difference the invariant allows")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--rerun", action="append", default=[], metavar="RECIPE,METHOD,SEED_INDEX",
+                    help="also rerun this run, plain and lean, on 1 and 2 threads (repeatable)")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
     from toolchain.artifacts import atomic_write_text
@@ -99,7 +103,8 @@ def main() -> int:
         run_benches(args.results, args.plain, args.workers)
     lines = ["| recipe | method | lr lean / plain | mean F1 lean / plain | largest per-seed difference | seeds within "
              f"{args.tolerance:g} |", "|---|---|---|---|---|---|"]
-    outliers = []
+    reruns = []
+    rates = {}
     cells = within = 0
     for name in RECIPES:
         pair = []
@@ -112,15 +117,26 @@ def main() -> int:
         lean, plain = pair
         for method, a in lean.items():
             b = plain[method]
+            rates[(name, method)] = a["lr"]
             diffs = [abs(x - y) for x, y in zip(a["f1_per_seed"], b["f1_per_seed"])]
             ok = sum(d <= args.tolerance for d in diffs)
             cells += len(diffs)
             within += ok
             lines.append(f"| {name} | {method} | {a['lr']:g} / {b['lr']:g} | {a['f1_mean']:.3f} / {b['f1_mean']:.3f} "
                          f"| {max(diffs):.3f} | {ok}/{len(diffs)} |")
-            outliers += [(name, method, a["lr"], i) for i, d in enumerate(diffs) if d > args.tolerance and a["lr"] == b["lr"]]
+            reruns += [(name, method, a["lr"], i) for i, d in enumerate(diffs) if d > args.tolerance and a["lr"] == b["lr"]]
     lines += ["", f"{within} of {cells} (recipe, method, seed) runs within {args.tolerance:g}."]
-    for name, method, lr, i in outliers:
+    for spec in args.rerun:
+        try:
+            name, method, index = spec.split(",")
+            lr = rates[(name, method)]
+            rerun = (name, method, lr, int(index))
+        except (ValueError, KeyError):
+            print(f"lean_vs_plain: --rerun {spec!r}: expected RECIPE,METHOD,SEED_INDEX of a compared run", file=sys.stderr)
+            return 2
+        if rerun not in reruns:
+            reruns.append(rerun)
+    for name, method, lr, i in reruns:
         f1 = rerun_seed(name, method, lr, i)
         lines.append(f"- {name}, {method}, seed index {i}, lr {lr:g}, rerun: "
                      + ", ".join(f"{k} {v:.3f}" for k, v in f1.items()))
