@@ -17,6 +17,25 @@ REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
 
 
+def cli(*args):
+    """`edgetool ARGS...` in-process; an unexpected exception propagates (a traceback is a test failure)."""
+    from click.testing import CliRunner
+
+    from toolchain.cli import main
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_one_line_error(result, *needles: str) -> str:
+    """Exit 2 with exactly one `edgetool: error: ...` line on stderr containing every needle; returns it."""
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgetool: error: "), result.stderr
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
 def tiny_recipe_dict(checkpoint: Path, **overrides) -> dict:
     """The embedded default protocol, shrunk: width-8 backbone, short pretrain and adaptation."""
     raw = {

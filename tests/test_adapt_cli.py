@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import tiny_recipe_dict, write_recipe
+from conftest import assert_one_line_error, cli, tiny_recipe_dict, write_recipe
 
 from toolchain import __version__
 from toolchain.basemodel import build_adapted
@@ -39,10 +39,6 @@ METRIC_FIELDS = ("f1_before", "f1_after", "accuracy_before", "accuracy_after", "
 TIMING_FIELDS = {"train_seconds"}
 
 
-def cli(*args: str):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
 def expected_ttlora_count(model: torch.nn.Module, rank: int) -> int:
     return sum(m.out_channels * min(rank, m.out_channels, m.weight[0].numel())
                for m in model.modules() if isinstance(m, CONV_TYPES))
@@ -51,15 +47,6 @@ def expected_ttlora_count(model: torch.nn.Module, rank: int) -> int:
 def leftovers(parent: Path) -> list[str]:
     """Temporary siblings an atomic write would leave if it were not atomic."""
     return [p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
-
-
-def assert_one_line_error(result, *needles: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("edgetool: error: "), result.stderr
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 # ---------------------------------------------------------------------------------------------- help, version

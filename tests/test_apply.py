@@ -8,16 +8,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from click.testing import CliRunner
-from conftest import tiny_recipe_dict, write_recipe
+from conftest import cli, tiny_recipe_dict, write_recipe
 
 from toolchain.artifacts import sha256_file
-from toolchain.cli import main
 from toolchain.rundir import load_run
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def test_apply_round_trip_gives_the_run_back(tiny_run, tiny_checkpoint, tmp_path):

@@ -13,12 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import tiny_recipe_dict, write_recipe
+from conftest import assert_one_line_error, cli, tiny_recipe_dict, write_recipe
 
 from toolchain import device as devmod
 from toolchain.basemodel import base_fingerprint, build_adapted, load_base_model
-from toolchain.cli import main
 from toolchain.data import load_data
 from toolchain.device import check_precision, describe_device, resolve_device, training_device
 from toolchain.errors import EdgetoolError
@@ -34,18 +32,6 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
 no_cuda_here = pytest.mark.skipif(CUDA, reason="this machine has a usable CUDA device")
 DEVICE_FIELDS = ("type", "name", "torch", "torch_cuda", "cudnn_allow_tf32", "matmul_allow_tf32", "tf32_in_effect",
                  "precision")
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_one_line_error(result, *needles: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("edgetool: error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 # ---- resolution and refusals ---------------------------------------------------------------------

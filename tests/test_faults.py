@@ -18,31 +18,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import tiny_recipe_dict, write_recipe
+from conftest import assert_one_line_error, cli, tiny_recipe_dict, write_recipe
 
 from toolchain import artifacts
 from toolchain.artifacts import atomic_dir, default_output, output_lock, remove_stale_temps
-from toolchain.cli import main
 from toolchain.errors import EdgetoolError
 from toolchain.methods.registry import get_method
 from toolchain.methods.settings import method_settings
 from toolchain.models import MobileNet1d, ResNet1d, count_params
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_line_error(result, *needles: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("edgetool: error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------------------------- one writer
@@ -95,7 +80,7 @@ def test_every_writing_stage_refuses_an_output_being_written(command, tmp_path, 
             "bench": ["bench", recipe, "--methods", "head", "--seeds", "1", "--quiet"],
             "apply": ["apply", tiny_run / "adapter.pt", "--recipe", recipe]}[command]
     with lock_held_by_another_process(out):
-        one_line_error(cli(*args, "--out", out), "another edgetool process", str(out))
+        assert_one_line_error(cli(*args, "--out", out), "another edgetool process", str(out))
     assert not out.exists()
 
 
@@ -179,8 +164,8 @@ def test_default_output_never_leaves_its_root(name, tmp_path, tiny_checkpoint, m
     with pytest.raises(EdgetoolError, match="plain file name"):
         default_output("runs", name)
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe_dict(tiny_checkpoint, name=name))
-    one_line_error(cli("adapt", recipe, "--quiet"), "cannot name the default output directory", "--out")
-    one_line_error(cli("bench", recipe, "--methods", "head", "--seeds", "1", "--quiet"), "default output directory")
+    assert_one_line_error(cli("adapt", recipe, "--quiet"), "cannot name the default output directory", "--out")
+    assert_one_line_error(cli("bench", recipe, "--methods", "head", "--seeds", "1", "--quiet"), "default output directory")
     assert not (tmp_path / "runs").exists() and not Path("/tmp/elsewhere").exists()
     assert default_output("runs", "my-run.v2") == Path("runs") / "my-run.v2"
 
@@ -198,7 +183,7 @@ def test_read_only_output_is_refused_before_any_training(tmp_path, tiny_run, tin
 
     monkeypatch.setattr("toolchain.stages.adapt.fit", no_training)
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe_dict(tiny_checkpoint))
-    one_line_error(cli("adapt", recipe, "--out", out, "--quiet"), "exists and is not writable")
+    assert_one_line_error(cli("adapt", recipe, "--out", out, "--quiet"), "exists and is not writable")
 
 
 def test_a_failed_final_rename_is_one_line_and_keeps_the_previous_output(tmp_path, monkeypatch):
@@ -226,8 +211,8 @@ def test_a_failed_final_rename_is_one_line_and_keeps_the_previous_output(tmp_pat
 def test_checkpoint_path_that_is_a_directory_is_named_as_one(tmp_path):
     (tmp_path / "ckpt").mkdir()
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe_dict(tmp_path / "ckpt"))
-    one_line_error(cli("adapt", recipe, "--out", tmp_path / "run", "--quiet"), "is a directory")
-    one_line_error(cli("pretrain", recipe, "--quiet"), "is a directory")
+    assert_one_line_error(cli("adapt", recipe, "--out", tmp_path / "run", "--quiet"), "is a directory")
+    assert_one_line_error(cli("pretrain", recipe, "--quiet"), "is a directory")
     assert not (tmp_path / "run").exists()
 
 
@@ -236,7 +221,7 @@ def test_non_finite_recipe_number_is_called_so(value, tmp_path, tiny_checkpoint)
     path = tmp_path / "r.yaml"
     write_recipe(path, tiny_recipe_dict(tiny_checkpoint))
     path.write_text(path.read_text().replace("lr: 0.01\n  batch_size: 12", f"lr: {value}\n  batch_size: 12"))
-    line = one_line_error(cli("adapt", path, "--out", tmp_path / "run", "--quiet"), "field 'train.lr'",
+    line = assert_one_line_error(cli("adapt", path, "--out", tmp_path / "run", "--quiet"), "field 'train.lr'",
                           "must be a finite number")
     assert "greater than" not in line
 
@@ -249,7 +234,7 @@ def test_swapped_adapter_is_named_as_another_runs_not_a_changed_base(tmp_path, t
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     shutil.copy(tmp_path / "other" / "adapter.pt", run / "adapter.pt")
-    line = one_line_error(cli("fuse-export", run, "--out", tmp_path / "eng"), "is not the adapter this run wrote",
+    line = assert_one_line_error(cli("fuse-export", run, "--out", tmp_path / "eng"), "is not the adapter this run wrote",
                           "rank 3 (this run: 2)", "recipe 'other'", "edgetool apply")
     assert "changed since" not in line and "different base" not in line
 
@@ -276,9 +261,9 @@ def test_wrong_input_shape_before_the_base_exists_is_bad_input(tmp_path):
     raw = tiny_recipe_dict(tmp_path / "base.pt")
     raw["data"] = {"format": "npz", "train_path": "img.npz", "shift": None}
     recipe = write_recipe(tmp_path / "r.yaml", raw)
-    one_line_error(cli("adapt", recipe, "--out", tmp_path / "run", "--quiet"),
+    assert_one_line_error(cli("adapt", recipe, "--out", tmp_path / "run", "--quiet"),
                    "does not accept inputs shaped (3, 4, 20)")
-    one_line_error(cli("pretrain", recipe, "--quiet"), "does not accept inputs shaped (3, 4, 20)")
+    assert_one_line_error(cli("pretrain", recipe, "--quiet"), "does not accept inputs shaped (3, 4, 20)")
     assert not (tmp_path / "base.pt").exists() and not (tmp_path / "run").exists()
 
 
@@ -317,7 +302,7 @@ def test_rank_caps_are_printed_by_adapt(tmp_path, tiny_checkpoint):
 
 def test_method_bigger_than_full_fine_tuning_is_refused(tmp_path, tiny_checkpoint):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe_dict(tiny_checkpoint, method={"name": "lora", "rank": 1000}))
-    line = one_line_error(cli("adapt", recipe, "--out", tmp_path / "run", "--quiet"), "more than full fine-tuning",
+    line = assert_one_line_error(cli("adapt", recipe, "--out", tmp_path / "run", "--quiet"), "more than full fine-tuning",
                           "method.rank")
     trainable, total = map(int, re.search(r"would train (\d+) parameters, .*?\((\d+),", line).groups())
     assert total == count_params(ResNet1d(6, 4, width=8)) and trainable > total
@@ -329,7 +314,7 @@ def test_pretrain_never_overwrites_a_checkpoint_without_force(tmp_path):
                                                                 pretrain={"steps": 2}))
     assert cli("pretrain", recipe, "--quiet").exit_code == 0
     before = (tmp_path / "base.pt").read_bytes()
-    one_line_error(cli("pretrain", recipe, "--quiet"), "exists", "--force")
+    assert_one_line_error(cli("pretrain", recipe, "--quiet"), "exists", "--force")
     assert (tmp_path / "base.pt").read_bytes() == before
     (tmp_path / "base.pt").write_bytes(b"replace me")
     assert cli("pretrain", recipe, "--quiet", "--force").exit_code == 0

@@ -109,15 +109,15 @@ def test_fusion_is_equivalent_on_every_backbone(cfg, backbone):
     head = "fc" if backbone == "cnn2d" else "classifier"
     try:
         adapted = method.inject(copy.deepcopy(original), head)
-    except EdgetoolError:  # a method may decline a model up front (e.g. linear adapter on grouped-only)
+    except EdgetoolError as exc:  # a method may decline a model up front (e.g. linear adapter on grouped-only)
         assert cfg.name not in REQUIRED_MERGEABLE
-        return
+        pytest.skip(f"{cfg.name} declines {backbone}: {exc}")
     with torch.no_grad():
         for _, p in method.trainable_parameters(adapted):
-            p.add_(0.05 * torch.randn_like(p, generator=None))
+            p.add_(0.05 * torch.randn_like(p))
     adapted.eval()
     if not _mergeable(method, adapted):
-        return
+        pytest.skip(f"{cfg.name} on {backbone} is not mergeable (nothing to fuse)")
     X = inputs_for(backbone, 6).numpy()
     fused = fuse_model(method, adapted)
     assert architecture_differences(fused, original) == []

@@ -455,7 +455,7 @@ CUDA = torch.cuda.is_available()
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (none on this machine)")
-@pytest.mark.parametrize("kind", ["conv1d", "depthwise1d_strided", "conv2d_strided_dilated", "grouped2d_bias"])
+@pytest.mark.parametrize("kind", ["conv1d_bias", "conv1d_depthwise", "conv2d_circular_strided", "conv2d_grouped"])
 def test_cuda_fp32_equals_the_dense_formulation(kind, monkeypatch):
     """On CUDA with TF32 off (TF32 convs/matmuls round to 10 mantissa bits and would hide real errors)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)

@@ -16,7 +16,7 @@ from toolchain.methods.base import AdapterLayer
 from toolchain.methods.registry import get_method
 from toolchain.methods.settings import method_settings
 from toolchain.methods.galore import GaLoreOptimizer, orthogonal_basis, project, project_back
-from toolchain.models import CONV_TYPES, MobileNet1d, find_head
+from toolchain.models import CONV_TYPES, find_head
 from toolchain.recipe import OptimConfig
 import zoo
 
@@ -38,7 +38,6 @@ METHODS = {
     "adapter_linear": {"name": "adapter", "adapter_reduction": 2, "adapter_kind": "linear"},
     "ttlora": {"name": "ttlora", "rank": RANK},
 }
-FUSABLE = ["full", "head", "bn", "bias", "lora", "dora", "galore", "adapter_linear", "ttlora"]
 ZERO_INIT = ["lora", "dora", "adapter", "adapter_linear", "ttlora"]
 
 

@@ -13,15 +13,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
-from conftest import tiny_recipe_dict, write_recipe
+from conftest import cli, tiny_recipe_dict, write_recipe
 
-from toolchain.cli import main
 from toolchain.rundir import load_run
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")

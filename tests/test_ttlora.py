@@ -4,15 +4,12 @@ and the method interface (adapter state save/load, merge)."""
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from toolchain.errors import EdgetoolError
-from toolchain.methods.base import AdapterLayer
 from toolchain.methods.registry import get_method
 from toolchain.methods.settings import method_settings
 from toolchain.methods.ttlora import TTLoRAConv, tt_contract, tt_svd

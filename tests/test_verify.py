@@ -21,7 +21,6 @@ from onnx import numpy_helper
 
 from conftest import assert_parity_passed, needs_tensorrt
 from toolchain.cli import main
-from toolchain.backends.base import Runner
 from toolchain.parity import Check, junit_xml, latency_input, latency_stats
 
 FAST = ["--iterations", "5", "--warmup", "1"]
@@ -282,26 +281,6 @@ def test_tensorrt_engines_verify_and_are_cached(engine_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ latency machinery
-
-
-class _Recorder(Runner):
-    """A runner whose 'inference' records the call order and reports a scripted duration."""
-
-    backend = "test"
-
-    def __init__(self, name, log, seconds):
-        super().__init__(name, name, "fp32")
-        self.log, self.seconds = log, iter(seconds)
-
-    def _activate(self):
-        pass
-
-    def _infer(self, x):
-        return x
-
-    def time_once(self, x):
-        self.log.append(self.name)
-        return next(self.seconds)
 
 
 def test_latency_stats_percentiles_in_ms():

@@ -49,6 +49,8 @@ class SideWeights:
         return SideWeights(padded, *_factored(base, cores, rows))
 
     def to(self, dtype: torch.dtype) -> "SideWeights":
+        if self.padded.dtype == dtype:  # every step in fp32: no new object
+            return self
         return SideWeights(as_dtype(self.padded, dtype), as_dtype(self.pointwise, dtype), as_dtype(self.taps, dtype))
 
     def conv(self, xp: torch.Tensor, geo: ConvGeometry, r: int) -> torch.Tensor:
