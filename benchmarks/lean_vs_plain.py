@@ -31,11 +31,11 @@ METHODS = "full,head,bn,bias,lora,dora,galore,adapter,ttlora"
 
 
 def plain_recipe(name: str, into: Path) -> Path:
-    """A copy of recipes/<name>.yaml with the lean step off (its checkpoint path made absolute)."""
-    source = REPO / "recipes" / f"{name}.yaml"
-    data = yaml.safe_load(source.read_text())
-    data["model"]["checkpoint"] = str((source.parent / data["model"]["checkpoint"]).resolve())
-    data.setdefault("train", {})["lean_step"] = False
+    """A copy of recipes/<name>.yaml with the lean step off (every path absolute, so it loads from `into`)."""
+    from toolchain.recipe import load_recipe
+
+    data = load_recipe(REPO / "recipes" / f"{name}.yaml").resolved_dict()
+    data["train"]["lean_step"] = False
     path = into / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

@@ -22,24 +22,12 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from toolchain.artifacts import atomic_write_text  # noqa: E402
+from toolchain.benchreport import speedup_cell, steps_cell  # noqa: E402
+
 RECIPES = ["bench-shift-resnet1d", "bench-shift-mobilenet1d", "bench-newclass-resnet1d", "bench-newclass-mobilenet1d"]
 REFERENCE, OTHER = "ttlora", "full"
-
-
-def fmt_steps(cell: dict, n: int) -> str:
-    if not cell["reached"]:
-        return f"not reached (0/{n})"
-    return f"{cell['steps_mean']:.0f} ± {cell['steps_std']:.0f} ({cell['reached']}/{n})"
-
-
-def fmt_speedup(s: dict) -> str:
-    if s["geomean"] is None:
-        text = "no pair"
-    else:
-        text = f"{s['geomean']:.2f}× ({s['pairs']} pair{'s' if s['pairs'] != 1 else ''})"
-    extra = [f"only TT-LoRA reached: {s['reference_only']}"] if s["reference_only"] else []
-    extra += [f"only full reached: {s['method_only']}"] if s["method_only"] else []
-    return text + (f"; {', '.join(extra)}" if extra else "")
 
 
 def summary_row(name: str, result: dict) -> str:
@@ -53,8 +41,8 @@ def summary_row(name: str, result: dict) -> str:
     speed_seconds = full["convergence"][key]["speedup_of_reference_seconds"]
     return (f"| {name} | {full['lr']:g} / {tt['lr']:g} | {full['f1_mean']:.3f} ± {full['f1_std']:.3f} "
             f"| {tt['f1_mean']:.3f} ± {tt['f1_std']:.3f} | {gap:+.3f} ({rel:+.1f} %) | {tt['trainable_pct']:.2f} % "
-            f"| {fmt_steps(full['convergence'][key], n)} | {fmt_steps(tt['convergence'][key], n)} "
-            f"| {fmt_speedup(speed_steps)} | {fmt_speedup(speed_seconds)} "
+            f"| {steps_cell(full['convergence'][key], n, 'steps', '.0f')} | {steps_cell(tt['convergence'][key], n, 'steps', '.0f')} "
+            f"| {speedup_cell(speed_steps, 'TT-LoRA', 'full')} | {speedup_cell(speed_seconds, 'TT-LoRA', 'full')} "
             f"| {full['peak_memory_bytes_mean'] / 1024:.0f} / {tt['peak_memory_bytes_mean'] / 1024:.0f} KiB "
             f"| {tt['flops_per_step'] / full['flops_per_step']:.2f} | {full['adapter_bytes_mean']:,.0f} / {tt['adapter_bytes_mean']:,.0f} |")
 
@@ -64,9 +52,6 @@ def main() -> int:
     ap.add_argument("--run", action="store_true", help="run benchmarks/run_all.sh first")
     ap.add_argument("--results", type=Path, default=REPO / "runs" / "bench", help="where run_all.sh wrote the benches")
     args = ap.parse_args()
-    sys.path.insert(0, str(REPO))
-    from toolchain.artifacts import atomic_write_text
-
     if args.run:
         subprocess.run([str(REPO / "benchmarks" / "run_all.sh")], check=True, env={**os.environ, "OUT": str(args.results)})
     results = {}

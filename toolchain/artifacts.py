@@ -133,7 +133,6 @@ def claimed_output(out: Path | str, own_files: tuple[str, ...], what: str,
                    protected: tuple[tuple[str, Path], ...] = ()) -> Iterator[Path]:
     """check_output_dir under output_lock, for the whole stage: yields the resolved output path."""
     out = Path(out).resolve()
-    _check_parent_writable(out)
     with output_lock(out):
         yield check_output_dir(out, own_files, what, protected)
 

@@ -21,7 +21,7 @@ from torch import nn
 from .console import say
 from .artifacts import sha256_file
 from .data import DataBundle
-from .errors import EdgetoolError
+from .errors import EdgetoolError, first_line
 from .methods.base import AdaptationMethod
 from .methods.registry import get_method
 from .methods.settings import FullSettings, MethodSettings
@@ -152,8 +152,7 @@ def check_io(model: nn.Module, X, num_classes: int) -> None:
         with torch.no_grad():
             out = model.eval()(x)
     except Exception as exc:  # a shape error raises RuntimeError, ValueError or user code's own type
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise EdgetoolError(f"the model does not accept inputs shaped {tuple(x.shape[1:])}: {first}") from None
+        raise EdgetoolError(f"the model does not accept inputs shaped {tuple(x.shape[1:])}: {first_line(exc)}") from None
     finally:
         model.train(was_training)
     if tuple(out.shape) != (len(x), num_classes):

@@ -102,7 +102,7 @@ def _pm(mean: float | None, std: float | None, fmt: str) -> str:
     return f"{mean:{fmt}} ± {std:{fmt}}"
 
 
-def _count(n: int, word: str) -> str:
+def count_text(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
@@ -136,7 +136,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         "",
         f"{meta['scenario']}; backbone {meta['arch']} (width {meta['width']}, {meta['total_params']:,} parameters); "
         f"{meta['target_train_windows']} labelled target windows; {meta['steps']} steps per method, batch "
-        f"{meta['batch_size']}; {_count(n, 'seed')} {meta['seeds']}; zero-shot target macro-F1 "
+        f"{meta['batch_size']}; {count_text(n, 'seed')} {meta['seeds']}; zero-shot target macro-F1 "
         f"{_pm(meta['zero_shot_f1_mean'], meta['zero_shot_f1_std'], '.3f')}.{_trained_on(meta)}",
         "",
         f"| method | macro-F1 | accuracy | trainable | % of model | FLOPs/step (fwd+bwd+opt) | peak train memory | "
@@ -195,7 +195,7 @@ def selection_table(result: dict[str, Any]) -> str:
     lines = [
         "## Learning rate, chosen on the validation split",
         "",
-        f"Validation macro-F1 per learning rate (mean ± std over {_count(len(meta['seeds']), 'seed')}; "
+        f"Validation macro-F1 per learning rate (mean ± std over {count_text(len(meta['seeds']), 'seed')}; "
         f"{meta['target_val_windows']} validation windows"
         f"{' per seed' if meta['resample_shots'] else ''}); the chosen rate in bold. Chosen by {meta['selection']['criterion']}. "
         "The test split is not used for choosing. A rate chosen at the end of its grid may not be the method's best "
@@ -233,16 +233,16 @@ def _edge(lr: float, grid: list[float]) -> str:
 # ---------------------------------------------------------------------------------------------- convergence
 
 
-def _steps_cell(cell: dict[str, Any], n: int, key: str, fmt: str) -> str:
+def steps_cell(cell: dict[str, Any], n: int, key: str, fmt: str) -> str:
     if not cell["reached"]:
         return f"not reached (0/{n})"
     return f"{_pm(cell[f'{key}_mean'], cell[f'{key}_std'], fmt)} ({cell['reached']}/{n})"
 
 
-def _speedup_cell(s: dict[str, Any] | None, reference: str, method: str) -> str:
+def speedup_cell(s: dict[str, Any] | None, reference: str, method: str) -> str:
     if s is None:
         return "—"
-    ratio = f"{s['geomean']:.2f}× ({_count(s['pairs'], 'pair')})" if s["geomean"] is not None else "no pair"
+    ratio = f"{s['geomean']:.2f}× ({count_text(s['pairs'], 'pair')})" if s["geomean"] is not None else "no pair"
     others = [f"only {reference} reached: {s['reference_only']}"] if s["reference_only"] else []
     others += [f"only {method} reached: {s['method_only']}"] if s["method_only"] else []
     return ratio + (f"; {', '.join(others)}" if others else "")
@@ -276,9 +276,9 @@ def convergence_table(result: dict[str, Any]) -> str:
     lines += ["", f"| method | {header} |", "|---|" + sep]
     for r in rows:
         c = r["convergence"]
-        cells = [_steps_cell(c[k], n, "steps", ".0f") for k in keys] + [_steps_cell(c[last], n, "seconds", ".2f")]
+        cells = [steps_cell(c[k], n, "steps", ".0f") for k in keys] + [steps_cell(c[last], n, "seconds", ".2f")]
         if ref:
-            cells += [_speedup_cell(c[last].get("speedup_of_reference_steps"), ref, r["method"]),
-                      _speedup_cell(c[last].get("speedup_of_reference_seconds"), ref, r["method"])]
+            cells += [speedup_cell(c[last].get("speedup_of_reference_steps"), ref, r["method"]),
+                      speedup_cell(c[last].get("speedup_of_reference_seconds"), ref, r["method"])]
         lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -239,7 +239,7 @@ def build_protocol(raw: RawDataset, cfg: DataConfig, seed: int = 0) -> DataBundl
     notes += [note] if note else []
     train = replace(raw.train, group=groups[: len(raw.train)])
     test = None if raw.test is None else replace(raw.test, group=groups[len(raw.train):])
-    pool = _concat(train, test)
+    pool = replace(pool, group=groups)
     strata = _Strata(cfg.target_shots_per, names, pool)
     val_pool = None
 

@@ -14,16 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import EdgetoolError
+from .errors import EdgetoolError, first_line
 
 DEVICE_SPEC = re.compile(r"auto|cpu|cuda(:\d+)?")
 PRECISIONS = ("fp32", "fp16", "bf16")
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _cuda_unusable_reason() -> str | None:
@@ -56,7 +51,7 @@ def resolve_device(spec: str, what: str = "device") -> torch.device:
     try:
         torch.empty(1, device=device)
     except RuntimeError as exc:  # pragma: no cover - depends on the machine (driver/toolkit mismatch)
-        raise EdgetoolError(f"{what} '{spec}': CUDA device {index} cannot be used: {_first_line(exc)}") from None
+        raise EdgetoolError(f"{what} '{spec}': CUDA device {index} cannot be used: {first_line(exc)}") from None
     return device
 
 
@@ -96,7 +91,7 @@ def check_precision(device: torch.device, precision: str, what: str = "precision
             torch.amp.GradScaler("cpu")
         except (AttributeError, TypeError, RuntimeError, ValueError) as exc:
             raise EdgetoolError(f"{what} 'fp16': this torch ({torch.__version__}) has no gradient scaler for the CPU "
-                                f"({_first_line(exc)}); use bf16 or fp32") from None
+                                f"({first_line(exc)}); use bf16 or fp32") from None
 
 
 def _cpu_name() -> str:

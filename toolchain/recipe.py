@@ -7,16 +7,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from .errors import EdgetoolError
-from .methods.settings import DEFAULT_METHOD, MethodConfig, TTLoRASettings, method_names
+from .methods.settings import DEFAULT_METHOD, STRICT, MethodConfig, TTLoRASettings, method_names
 
 
 class _Strict(BaseModel):
-    # NaN passes no comparison, so without allow_inf_nan=False `lr: .nan` would be reported as "should be
-    # greater than 0"; every figure in a recipe must be a finite number.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    model_config = STRICT
 
 
 class ShiftConfig(_Strict):

@@ -15,6 +15,7 @@ from .console import say
 from .backends.base import BACKENDS, Backend, Runner
 from .backends.onnxruntime import ort_session
 from .backends.pytorch import TorchRunner
+from .errors import first_line
 from .backends.timing import interleaved_rounds
 from .enginedir import EngineDir
 from .export import export_onnx
@@ -37,8 +38,7 @@ def _unfused_onnx(adapted, sample: np.ndarray, opset: int, tmp: Path) -> tuple[P
         proto = export_onnx(adapted, torch.from_numpy(sample), path, opset)
         return path, len(proto.graph.node), ""
     except Exception as exc:  # any exporter failure just means "not exportable"; it is reported, not fatal
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return None, 0, f"not exportable to ONNX: {type(exc).__name__}: {first[:200]}"
+        return None, 0, f"not exportable to ONNX: {type(exc).__name__}: {first_line(exc)[:200]}"
 
 
 def _nodes_after_ort_folding(path: Path, tmp: Path) -> int:

@@ -25,7 +25,7 @@ def select_backend(choice: str) -> tuple[Backend, str]:
         why = avail.reason.split(":")[0] if avail.reason.startswith("TensorRT is not installed") else avail.reason
         return ort, f"auto: {why}; using {ort_avail.reason}"
     if choice not in BACKENDS:
-        raise EdgetoolError(f"unknown engine '{choice}' (choose from {', '.join([*BACKENDS, 'auto'])})")
+        raise EdgetoolError(f"unknown engine '{choice}' (choose from {', '.join(ENGINE_CHOICES)})")
     backend = BACKENDS[choice]()
     avail = backend.probe()
     if not avail.usable:

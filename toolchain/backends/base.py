@@ -13,13 +13,13 @@ import io
 import re
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
 
-from ..errors import EdgetoolError
+from ..errors import EdgetoolError, first_line
 
 if TYPE_CHECKING:
     from ..enginedir import EngineDir
@@ -33,11 +33,6 @@ def quiet_polygraphy():
 
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL + 10):
         yield
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @contextlib.contextmanager
@@ -201,7 +196,6 @@ class PolygraphyRunner(Runner):
 class Availability:
     usable: bool
     reason: str
-    details: dict[str, Any] = field(default_factory=dict)
 
 
 class Backend(ABC):

@@ -110,7 +110,7 @@ class OnnxRuntimeBackend(Backend):
             import onnxruntime as ort
         except ImportError as exc:
             return Availability(False, f"onnxruntime cannot be imported ({first_line(exc)})")
-        return Availability(True, f"onnxruntime {ort.__version__} with {self.providers[0]}", self.describe())
+        return Availability(True, f"onnxruntime {ort.__version__} with {self.providers[0]}")
 
     def accuracy_precisions(self) -> list[str]:
         return ["fp32", "fp16"]

@@ -232,7 +232,7 @@ class TensorRTBackend(Backend):
         self._facts = trt_facts(trt, polygraphy.__version__)
         self._l4t = l4t_release()
         return Availability(True, f"TensorRT {trt.__version__} on {device.name} (compute {device.compute_capability}, "
-                                  f"{device.sm_count} SMs)", self.describe())
+                                  f"{device.sm_count} SMs)")
 
     def require(self) -> None:
         if self._trt is None:

@@ -14,10 +14,15 @@ from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 
+# Every schema of a recipe (here and toolchain/recipe.py): unknown fields refused; NaN passes no comparison, so
+# without allow_inf_nan=False `lr: .nan` would be reported as "should be greater than 0".
+STRICT = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
 class MethodSettings(BaseModel):
     """Fields every method has."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # as recipe._Strict
+    model_config = STRICT
     implementation: ClassVar[str]  # "module:Class" under toolchain.methods
 
     name: str

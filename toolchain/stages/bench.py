@@ -37,7 +37,7 @@ from ..console import say, say_notes
 from ..artifacts import atomic_dir, atomic_write_json, atomic_write_text, claimed_output, default_output
 from ..basemodel import build_adapted, check_model_io, ensure_base_model, original_model
 from ..benchjobs import Job, ReportInputs, RunPool, curve_subsample, report_run
-from ..benchreport import (MEASUREMENT, add_cost_ratios, convergence_table, markdown_table, mean_std, selection_fields,
+from ..benchreport import (MEASUREMENT, add_cost_ratios, convergence_table, count_text, markdown_table, mean_std, selection_fields,
                            selection_table, summarise)
 from ..convergence import convergence
 from ..data import DataBundle, load_data
@@ -135,10 +135,6 @@ class _Progress:
         self.bar.close()
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
 def run_bench(recipe: Recipe, methods: list[str] | None = None, seeds: int | None = None, out_dir: Path | None = None,
               progress: bool = True, echo=print, workers: int = 1) -> Path:
     """Choose each method's learning rate on the validation split, then run every method at its rate over
@@ -193,9 +189,9 @@ def _run_bench(recipe: Recipe, methods: list[str], n_seeds: int, configs: dict[s
         finally:
             shown.close()
 
+    runs_of = {m: [reports[Job(m, i, rates[m])] for i in range(n_seeds)] for m in methods}
     rows = []
-    for name in methods:
-        runs = [reports[Job(name, i, rates[name])] for i in range(n_seeds)]
+    for name, runs in runs_of.items():
         if len({r["trainable_params"] for r in runs}) != 1:
             raise InternalError(f"method '{name}' trains a different number of parameters on different seeds")
         once = {**runs[0]["once"], "trainable_params": runs[0]["trainable_params"], "total_params": total,
@@ -206,8 +202,7 @@ def _run_bench(recipe: Recipe, methods: list[str], n_seeds: int, configs: dict[s
     zero_shot = [evaluate(original, b.target_test)[0] for b in bundles]
     zero_shot_curve = [evaluate(original, s)[0] for s in curve_splits]
     reference = recipe.method.name if recipe.method.name in methods else None
-    conv_run, conv_rows = convergence({r["method"]: [p for p in (reports[Job(r["method"], i, rates[r["method"]])]["curve"]
-                                                                 for i in range(n_seeds))] for r in rows},
+    conv_run, conv_rows = convergence({m: [r["curve"] for r in runs] for m, runs in runs_of.items()},
                                       zero_shot_curve, recipe.bench.convergence_fractions, reference)
     for row in rows:
         row["convergence"] = conv_rows[row["method"]]
@@ -223,7 +218,7 @@ def _run_bench(recipe: Recipe, methods: list[str], n_seeds: int, configs: dict[s
         reference = {**full_step_cost(mcfg, tcfg, base, head_name, base_data, recipe.seed, recipe.bench.timing_steps),
                      "measured": "separately on the first seed (full is not among the benched methods)"}
     add_cost_ratios(rows, reference)
-    device_info = reports[Job(methods[0], 0, rates[methods[0]])]["device"]
+    device_info = runs_of[methods[0]][0]["device"]
 
     zs_mean, zs_std = mean_std(zero_shot)
     scenario = (f"new classes ({base_data.num_source_classes} source classes -> {base_data.num_classes} target classes)"
@@ -264,7 +259,7 @@ def _run_bench(recipe: Recipe, methods: list[str], n_seeds: int, configs: dict[s
         "rows": rows,
     }
     table = markdown_table(result) + "\n" + selection_table(result) + "\n" + convergence_table(result)
-    seeds_text = _plural(n_seeds, "seed")
+    seeds_text = count_text(n_seeds, "seed")
     with atomic_dir(out_dir) as tmp:
         atomic_write_json(tmp / "bench.json", result)
         atomic_write_text(tmp / "bench.md", table)

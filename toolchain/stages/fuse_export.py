@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import torch
 
 from .. import export as ex
@@ -134,10 +133,9 @@ def _export_graphs(run: AdaptedRun, fused, tmp: Path, report: dict[str, Any], te
     fail = failures.append
     cfg = run.recipe.fuse
     sample = torch.from_numpy(test.X[:2])
-    ex.export_onnx(run.original, sample, tmp / onnx_name("original", "fp32"), cfg.opset)
-    ex.export_onnx(fused, sample, tmp / onnx_name("fused", "fp32"), cfg.opset)
-    graph = ex.compare_graph_structure(tmp / onnx_name("original", "fp32"), tmp / onnx_name("fused", "fp32"))
-    fused_proto = onnx.load(str(tmp / onnx_name("fused", "fp32")))
+    original_proto = ex.export_onnx(run.original, sample, tmp / onnx_name("original", "fp32"), cfg.opset)
+    fused_proto = ex.export_onnx(fused, sample, tmp / onnx_name("fused", "fp32"), cfg.opset)  # what was written
+    graph = ex.compare_graph_structure(original_proto, fused_proto)
     report.update(graph_identical=graph.identical, graph_differences=graph.differences,
                   graph_nodes=len(fused_proto.graph.node), graph_initializers=len(fused_proto.graph.initializer),
                   batchnorm_nodes=sum(n.op_type == "BatchNormalization" for n in fused_proto.graph.node))
@@ -279,5 +277,5 @@ def _summary(r: dict[str, Any], out: Path, ok: bool) -> str:
                      f"original.fp16 vs fused.fp16 {'identical' if r['fp16_graph_identical'] else 'DIFFERENT'}")
     if not r.get("data_available", True):
         lines.append("the run's data is not here: F1 checks not run (no labels); every other check ran on the windows above")
-    lines.append(f"{'PASSED' if ok else 'FAILED'} -> {out if ok else out.with_name(out.name + '.failed-report.json')}")
+    lines.append(f"{'PASSED' if ok else 'FAILED'} -> {out if ok else failed_report_path(out)}")
     return "\n".join(lines)

@@ -37,10 +37,10 @@ from ..backends import select_backend
 from ..backends.base import Backend, Runner
 from ..backends.engine_inspect import compare_engine_layers
 from ..backends.timing import interleaved_rounds
-from ..backends.pytorch import TorchRunner
 from ..enginedir import (FUSE_REPORT, VERIFY_JUNIT, VERIFY_REPORT, EngineDir, changed_since_export, engine_file_hashes,
                          integrity_problems, read_engine_dir)
 from ..errors import EdgetoolError, ParityError
+from ..metrics import predict_logits
 from ..export import compare_graph_structure
 from ..fusion import fuse_model
 from ..parity import (FAIL, INCONCLUSIVE, NOISE_FACTOR, PASS, WARNING, AccuracyResult, Check, LatencyVerdict,
@@ -66,8 +66,9 @@ def structure_checks(ed: EngineDir, backend: Backend) -> list[Check]:
             paths = [backend.runtime_graph(ed, g, precision, Path(tmp)) for g in ("original", "fused")]
             if None in paths:
                 continue
-            rep = compare_graph_structure(*paths)
-            n = len(onnx.load(str(paths[0])).graph.node)
+            graphs = [onnx.load(str(p)) for p in paths]
+            rep = compare_graph_structure(*graphs)
+            n = len(graphs[0].graph.node)
             msg = (f"as {backend.name} will run them ({n} nodes after its optimisations): {same}" if rep.identical
                    else f"{backend.name} optimises original and fused differently: " + "; ".join(rep.differences[:3]))
             checks.append(check(f"structure.{precision}.runtime_graph_identical", rep.identical, msg))
@@ -221,7 +222,7 @@ def verify(engine_dir: Path | str, engine: str = "auto", echo=print, iterations:
     run, cfg, batch_sizes, test = _load_run_and_inputs(ed, iterations, warmup, inputs, echo)
     warnings = _warnings(run, cfg) + [c.message for c in checks if c.verdict == WARNING]
     fused = fuse_model(run.method, run.adapted)
-    torch_out = _pytorch_outputs({"fused": fused, "original": run.original}, test.X, batch_sizes)
+    torch_out = {g: predict_logits(m, test.X, max(batch_sizes)) for g, m in (("fused", fused), ("original", run.original))}
 
     phase_seconds = {"load": time.perf_counter() - t_start}
     accuracy, acc_checks = _accuracy_phase(backend, ed, batch_sizes, test, torch_out, cfg, echo)
@@ -276,14 +277,6 @@ def _load_run_and_inputs(ed: EngineDir, iterations: int | None, warmup: int | No
         raise EdgetoolError(f"the run's target data is shaped {tuple(test.X.shape[1:])} but the engines expect "
                             f"{ed.input_shape}: ENGINE_DIR was exported from another run")
     return run, cfg, batch_sizes, test
-
-
-def _pytorch_outputs(models: dict[str, Any], X: np.ndarray, batch_sizes: tuple[int, ...]) -> dict[str, np.ndarray]:
-    out = {}
-    for graph, model in models.items():
-        with TorchRunner(model, f"{graph} PyTorch", graph) as r:
-            out[graph] = r.infer_batched(X, max(batch_sizes))
-    return out
 
 
 def _report(backend: Backend, selection: str, checks: list[Check], warnings: list[str], accuracy, latency, unfused,
