@@ -56,12 +56,12 @@ def rerun_seed(name: str, method: str, lr: float, seed_index: int) -> dict[str, 
     """Test F1 of one bench training run, plain and lean, on 1 and 2 threads."""
     import torch
 
-    from toolchain.basemodel import build_adapted, ensure_base_model
-    from toolchain.data import load_data
+    from toolchain.models.assembly import build_adapted, ensure_base_model
+    from toolchain.data.protocol import load_data
     from toolchain.metrics import evaluate
     from toolchain.recipe import load_recipe
     from toolchain.stages.bench import method_configs, seed_data
-    from toolchain.train import fit, seed_everything
+    from toolchain.training.fit import fit, seed_everything
 
     recipe = load_recipe(REPO / "recipes" / f"{name}.yaml")
     mcfg, tcfg = method_configs(recipe, [method])[method]

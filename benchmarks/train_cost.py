@@ -1,18 +1,18 @@
 #!/usr/bin/env python3
-"""What one training step costs: TT-LoRA (plain autograd, and the lean step of toolchain/lean.py)
+"""What one training step costs: TT-LoRA (plain autograd, and the lean step of toolchain/training/lean.py)
 against full fine-tuning of the same model on the same input. Run by hand; results go to
 docs/benchmarks.md (--markdown prints the table with the command that produced it).
 
 Conditions: batch 32, TT-LoRA rank 4 on every conv, `bn: frozen`, Adam; full fine-tuning trains every
 parameter (BatchNorm frozen too, same recipe). Models:
-  resnet1d     toolchain.models.ResNet1d, width 48, input 6 x 128
-  mobilenet1d  toolchain.models.MobileNet1d, width 32, input 6 x 128
+  resnet1d     toolchain.models.backbones.ResNet1d, width 48, input 6 x 128
+  mobilenet1d  toolchain.models.backbones.MobileNet1d, width 32, input 6 x 128
   mobilenetv2  torchvision's MobileNetV2 layout (inverted residuals, depthwise 3x3, ReLU6; built here from
                plain nn modules, random weights, BatchNorm statistics from two train-mode passes), 3 x 224 x 224
 
 Measured per model and configuration, reported as ratios to full fine-tuning:
 - peak training memory above the model. CPU: gradients + optimizer state + bytes saved for backward,
-  counted on the first step as `fit` counts them (toolchain.train.SavedActivationMeter, storages once).
+  counted on the first step as `fit` counts them (toolchain.training.fit.SavedActivationMeter, storages once).
   CUDA: torch.cuda.max_memory_allocated over two steps minus what was allocated before them (the model
   and the batch).
 - step time (forward, backward, optimizer step), each configuration against full fine-tuning in its own
@@ -39,12 +39,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from toolchain.lean import lean_training  # noqa: E402
+from toolchain.training.lean import lean_training  # noqa: E402
 from toolchain.methods.registry import get_method  # noqa: E402
 from toolchain.methods.settings import settings_for  # noqa: E402
-from toolchain.models import MobileNet1d, ResNet1d, find_head  # noqa: E402
+from toolchain.models.backbones import MobileNet1d, ResNet1d, find_head  # noqa: E402
 from toolchain.recipe import OptimConfig  # noqa: E402
-from toolchain.train import SavedActivationMeter, _tensor_bytes, optimizer_state_bytes  # noqa: E402
+from toolchain.training.fit import SavedActivationMeter, _tensor_bytes, optimizer_state_bytes  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------- MobileNetV2 (2-D)
 

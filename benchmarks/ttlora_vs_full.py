@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from toolchain.artifacts import atomic_write_text  # noqa: E402
-from toolchain.benchreport import speedup_cell, steps_cell  # noqa: E402
+from toolchain.bench.report import speedup_cell, steps_cell  # noqa: E402
 
 RECIPES = ["bench-shift-resnet1d", "bench-shift-mobilenet1d", "bench-newclass-resnet1d", "bench-newclass-mobilenet1d"]
 REFERENCE, OTHER = "ttlora", "full"

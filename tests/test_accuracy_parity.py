@@ -1,4 +1,4 @@
-"""Accuracy judged as parity (toolchain.parity.accuracy_parity): the fused engine's error against its
+"""Accuracy judged as parity (toolchain.proof.parity.accuracy_parity): the fused engine's error against its
 reference next to the original engine's on the same inputs, scaled by the output's magnitude; the same
 function and FP16 criteria in verify and fuse-export."""
 
@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from toolchain.parity import ParityCriteria, accuracy_parity, criteria, output_error
+from toolchain.proof.parity import ParityCriteria, accuracy_parity, criteria, output_error
 from toolchain.recipe import VerifyConfig, load_recipe
 
 FP16 = criteria(VerifyConfig(), "fp16")
@@ -118,7 +118,7 @@ def test_margin_and_floor_come_from_the_recipe_and_old_keys_still_load(tmp_path)
 
 
 def test_fuse_export_judges_fp16_with_the_same_function_and_criteria(tiny_engine, tiny_run):
-    import toolchain.parity as parity
+    import toolchain.proof.parity as parity
     import toolchain.stages.fuse_export as fx
 
     assert fx.accuracy_parity is parity.accuracy_parity and fx.criteria is parity.criteria

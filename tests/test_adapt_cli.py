@@ -16,14 +16,15 @@ from click.testing import CliRunner
 from conftest import assert_one_line_error, cli, tiny_recipe_dict, write_recipe
 
 from toolchain import __version__
-from toolchain.basemodel import build_adapted
+from toolchain.models.assembly import build_adapted
 from toolchain.rundir import ADAPTER_FORMAT, load_run
 from toolchain.artifacts import sha256_file
 from toolchain.cli import main
 from toolchain.errors import EdgetoolError
-from toolchain.data import load_data
+from toolchain.data.protocol import load_data
 from toolchain.methods.ttlora import TTLoRAConv
-from toolchain.models import CONV_TYPES, ResNet1d, build_model, count_params, load_state_checked
+from toolchain.models.backbones import CONV_TYPES, ResNet1d, build_model, count_params
+from toolchain.models.checkpoints import load_state_checked
 from toolchain.methods.settings import method_settings
 from toolchain.recipe import DataConfig, load_recipe
 from toolchain.metrics import evaluate

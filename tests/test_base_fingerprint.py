@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from toolchain.basemodel import base_fingerprint, load_base_model
-from toolchain.data import load_data
+from toolchain.models.assembly import base_fingerprint, load_base_model
+from toolchain.data.protocol import load_data
 from toolchain.recipe import load_recipe
 from toolchain.stages.adapt import pretrain
 

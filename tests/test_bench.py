@@ -11,14 +11,14 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from toolchain.basemodel import build_adapted, load_base_model
+from toolchain.models.assembly import build_adapted, load_base_model
 from toolchain.stages.bench import method_configs, run_bench, seed_data
-from toolchain.traincost import measure_step_flops
+from toolchain.training.cost import measure_step_flops
 from toolchain.cli import main
-from toolchain.data import load_data
+from toolchain.data.protocol import load_data
 from toolchain.errors import EdgetoolError
 from toolchain.methods.settings import method_names
-from toolchain.models import CONV_TYPES
+from toolchain.models.backbones import CONV_TYPES
 from toolchain.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,7 +158,7 @@ def test_conv_weight_gradient_flops_equal_forward_flops(groups):
     formula counts grouped convs `groups` times over, which bench corrects."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from toolchain.traincost import grouped_conv_backward_fix
+    from toolchain.training.cost import grouped_conv_backward_fix
 
     conv = nn.Conv1d(8, 16, 5, padding=2, groups=groups, bias=False)
     x = torch.randn(3, 8, 40)  # no grad: the backward computes the weight gradient only
@@ -254,7 +254,7 @@ def test_out_never_replaces_what_is_not_a_bench_directory(make_recipe, tmp_path)
 def test_a_method_that_does_not_fit_fails_before_any_training(make_recipe, monkeypatch):
     """A bad per-method setting (here: a layer selection matching no conv) is found before the other
     methods spend their training budget, not after."""
-    import toolchain.benchjobs as benchjobs
+    import toolchain.bench.jobs as benchjobs
 
     def no_training(*args, **kwargs):
         raise AssertionError("training started before every method was checked")

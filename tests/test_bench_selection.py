@@ -13,12 +13,12 @@ from click.testing import CliRunner
 
 import torch
 from torch.nn.modules.module import register_module_forward_pre_hook
-from toolchain.basemodel import load_base_model
-from toolchain.benchjobs import RunPool, selection_view
+from toolchain.models.assembly import load_base_model
+from toolchain.bench.jobs import RunPool, selection_view
 from toolchain.cli import main
-from toolchain.data import load_data
+from toolchain.data.protocol import load_data
 from toolchain.errors import EdgetoolError
-from toolchain.selection import choose, rate_grids, select_rates
+from toolchain.bench.selection import choose, rate_grids, select_rates
 from toolchain.stages.bench import method_configs, seed_data
 
 TINY = {"train": {"steps": 10, "lr": 0.01, "batch_size": 12, "eval_every": 5},

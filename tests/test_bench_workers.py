@@ -92,7 +92,7 @@ def test_workers_of_a_killed_bench_exit(tmp_path):
     """A bench killed from outside (a CI timeout) must not leave its worker processes waiting forever."""
     script = (
         "import os, sys, tempfile\n"
-        "from toolchain.benchjobs import RunPool\n"
+        "from toolchain.bench.jobs import RunPool\n"
         "with RunPool(2, tempfile.mkdtemp()) as pool:\n"
         "    [f.result() for f in [pool.pool.submit(os.getpid) for _ in range(4)]]\n"
         "    print('ready', flush=True)\n"
@@ -117,7 +117,7 @@ def test_workers_of_a_killed_bench_exit(tmp_path):
 
 
 def test_inputs_that_cannot_reach_the_workers_are_a_clear_error(tmp_path):
-    from toolchain.benchjobs import Job, RunPool, selection_run
+    from toolchain.bench.jobs import Job, RunPool, selection_run
     from toolchain.errors import EdgetoolError
 
     with RunPool(2, tmp_path) as pool, pytest.raises(EdgetoolError, match=r"--workers 2: .*run with --workers 1"):

@@ -8,11 +8,11 @@ import math
 import numpy as np
 import pytest
 
-from toolchain.benchjobs import curve_subsample
-from toolchain.convergence import convergence, first_reaching, headroom_targets, paired_speedup
-from toolchain.data import Split
+from toolchain.bench.jobs import curve_subsample
+from toolchain.bench.convergence import convergence, first_reaching, headroom_targets, paired_speedup
+from toolchain.data.formats import Split
 from toolchain.stages.bench import run_bench
-from toolchain.train import EvalPoint
+from toolchain.training.fit import EvalPoint
 
 
 def _curve(*f1, every=5, step_seconds=0.1):

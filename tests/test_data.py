@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from toolchain.data import build_protocol, load_data, make_shift, rotation_matrix
-from toolchain.dataformats import UCI_HAR_SIGNALS, load_basicmotions, load_ts_pair, load_uci_har, parse_ts
+from toolchain.data.protocol import build_protocol, load_data, make_shift, rotation_matrix
+from toolchain.data.formats import UCI_HAR_SIGNALS, load_basicmotions, load_ts_pair, load_uci_har, parse_ts
 from toolchain.errors import EdgetoolError
 from toolchain.recipe import DataConfig, ShiftConfig, recipe_from_dict
 

@@ -15,17 +15,17 @@ import pytest
 import torch
 from conftest import assert_one_line_error, cli, tiny_recipe_dict, write_recipe
 
-from toolchain import device as devmod
-from toolchain.basemodel import base_fingerprint, build_adapted, load_base_model
-from toolchain.data import load_data
-from toolchain.device import check_precision, describe_device, resolve_device, training_device
+from toolchain.training import device as devmod
+from toolchain.models.assembly import base_fingerprint, build_adapted, load_base_model
+from toolchain.data.protocol import load_data
+from toolchain.training.device import check_precision, describe_device, resolve_device, training_device
 from toolchain.errors import EdgetoolError
 from toolchain.recipe import load_recipe
 from toolchain.rundir import load_run
 from toolchain.stages.adapt import adapt
 from toolchain.stages.bench import method_configs, run_bench
-from toolchain.train import fit
-from toolchain.traincost import full_step_cost, time_train_steps
+from toolchain.training.fit import fit
+from toolchain.training.cost import full_step_cost, time_train_steps
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
@@ -127,7 +127,7 @@ def test_bench_device_is_shared(make_recipe):
 
 
 def test_base_fingerprint_ignores_where_it_trained(make_recipe):
-    from toolchain.data import load_data
+    from toolchain.data.protocol import load_data
 
     plain = make_recipe("fp")
     data = load_data(plain.data, plain.seed)
@@ -153,7 +153,7 @@ def test_every_method_trains_under_autocast(arch, precision):
     dtypes under autocast (TT-LoRA's core contraction did) fails here, on CUDA it would fail the same way."""
     from toolchain.methods.registry import get_method
     from toolchain.methods.settings import method_names, settings_for
-    from toolchain.models import build_model, find_head
+    from toolchain.models.backbones import build_model, find_head
     from toolchain.recipe import ModelConfig, OptimConfig
 
     torch.manual_seed(0)

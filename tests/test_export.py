@@ -14,8 +14,8 @@ from torch import nn
 
 from toolchain.errors import EdgetoolError
 from toolchain.backends.onnxruntime import run_onnx
-from toolchain.export import (FP16_MAX, compare_graph_structure, convert_fp16, emulate_fp16_storage, export_onnx, fp16_unsafe_nodes)
-from toolchain.models import MobileNet1d
+from toolchain.proof.export import (FP16_MAX, compare_graph_structure, convert_fp16, emulate_fp16_storage, export_onnx, fp16_unsafe_nodes)
+from toolchain.models.backbones import MobileNet1d
 
 
 def _conv2d_net() -> nn.Module:

@@ -25,7 +25,7 @@ from toolchain.artifacts import atomic_dir, default_output, output_lock, remove_
 from toolchain.errors import EdgetoolError
 from toolchain.methods.registry import get_method
 from toolchain.methods.settings import method_settings
-from toolchain.models import MobileNet1d, ResNet1d, count_params
+from toolchain.models.backbones import MobileNet1d, ResNet1d, count_params
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,13 +17,13 @@ from click.testing import CliRunner
 from torch import nn
 
 import toolchain.enginedir as enginedir
-import toolchain.fusion as fusion_mod
+import toolchain.proof.fusion as fusion_mod
 from toolchain.artifacts import sha256_file
 from toolchain.cli import main
 from toolchain.errors import EdgetoolError, NotMergeableError
 from toolchain.backends.onnxruntime import run_onnx
-from toolchain.export import compare_graph_structure
-from toolchain.fusion import architecture_differences, check_equivalence, fuse_model
+from toolchain.proof.export import compare_graph_structure
+from toolchain.proof.fusion import architecture_differences, check_equivalence, fuse_model
 from toolchain.methods.base import AdapterLayer
 from toolchain.methods.registry import get_method
 from toolchain.methods.settings import method_names, method_settings, settings_for

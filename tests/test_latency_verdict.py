@@ -1,4 +1,4 @@
-"""The latency verdict (toolchain.parity.latency_verdict) on synthetic, seeded per-round timings.
+"""The latency verdict (toolchain.proof.parity.latency_verdict) on synthetic, seeded per-round timings.
 
 Identical-by-construction graphs (original, fused and control drawn from one distribution) under
 multiplicative noise, heavy tails, drift, stalls, a loaded machine, position effects and instance effects
@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from toolchain.cli import main
-from toolchain.parity import FAIL, INCONCLUSIVE, PASS, Check, junit_xml, latency_verdict, median_ci, min_rounds
+from toolchain.proof.parity import FAIL, INCONCLUSIVE, PASS, Check, junit_xml, latency_verdict, median_ci, min_rounds
 
 BAND, BAND_MAX, CONF = 0.05, 0.5, 0.99
 ROUNDS = (8, 20, 50, 200)

@@ -1,4 +1,4 @@
-"""The lean training step (toolchain/lean/): same forward, same gradients, fewer saved bytes.
+"""The lean training step (toolchain/training/lean/): same forward, same gradients, fewer saved bytes.
 
 Every equivalence is against the plain path (the same modules run by stock autograd, TT-LoRA as
 W + Delta W); relative error = max |lean - plain| / max |plain|, fp32, bound 1e-5. The memory check is
@@ -12,17 +12,17 @@ import pytest
 import torch
 from torch import nn
 
-import toolchain.lean.functions as lean_functions
-import toolchain.lean.plan as lean_plan
-import toolchain.lean.sidepath as lean_sidepath
-from toolchain.lean import lean_training
-from toolchain.lean.geometry import ConvGeometry
+import toolchain.training.lean.functions as lean_functions
+import toolchain.training.lean.plan as lean_plan
+import toolchain.training.lean.sidepath as lean_sidepath
+from toolchain.training.lean import lean_training
+from toolchain.training.lean.geometry import ConvGeometry
 from toolchain.methods.registry import get_method
 from toolchain.methods.settings import settings_for
 from toolchain.methods.ttlora import TTLoRAConv
-from toolchain.models import MobileNet1d, ResNet1d, find_head
+from toolchain.models.backbones import MobileNet1d, ResNet1d, find_head
 from toolchain.recipe import OptimConfig
-from toolchain.train import SavedActivationMeter
+from toolchain.training.fit import SavedActivationMeter
 
 import zoo
 
@@ -427,7 +427,7 @@ def test_cpu_autocast_bf16_step_is_close_to_fp32():
 def test_fit_trains_the_same_with_less_memory():
     """fit with train.lean_step on and off: the same trained G1 (to float rounding over 6 Adam steps)
     and a fraction of the saved activations."""
-    from toolchain.data import Split
+    from toolchain.data.formats import Split
 
     torch.manual_seed(0)
     base = ResNet1d(6, 4, width=8).eval()
@@ -436,7 +436,7 @@ def test_fit_trains_the_same_with_less_memory():
     split = Split(torch.randn(24, 6, 32, generator=g).numpy(), (torch.arange(24) % 4).numpy())
     results, g1 = {}, {}
     for lean_on in (False, True):
-        from toolchain.train import fit
+        from toolchain.training.fit import fit
 
         model = copy.deepcopy(base)
         method = get_method(settings_for("ttlora", {'rank': 2}, {}))

@@ -16,7 +16,7 @@ from toolchain.methods.base import AdapterLayer
 from toolchain.methods.registry import get_method
 from toolchain.methods.settings import method_settings
 from toolchain.methods.galore import GaLoreOptimizer, orthogonal_basis, project, project_back
-from toolchain.models import CONV_TYPES, find_head
+from toolchain.models.backbones import CONV_TYPES, find_head
 from toolchain.recipe import OptimConfig
 import zoo
 

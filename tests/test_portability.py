@@ -24,7 +24,7 @@ def project(tmp_path_factory, tiny_checkpoint) -> Path:
     fits), base checkpoint and an adapted run: proj/{data,models,runs/ts}."""
     proj = tmp_path_factory.mktemp("proj")
     (proj / "data").mkdir()
-    root = resources.files("toolchain") / "datasets" / "BasicMotions"
+    root = resources.files("toolchain.data") / "datasets" / "BasicMotions"
     for split in ("TRAIN", "TEST"):
         (proj / "data" / f"bm_{split}.ts").write_bytes((root / f"BasicMotions_{split}.ts").read_bytes())
     (proj / "models").mkdir()

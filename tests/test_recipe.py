@@ -137,9 +137,9 @@ def default_recipe(tmp_path: Path):
 
 
 def test_default_recipe_trains_at_most_1_5_percent_with_ttlora(tmp_path):
-    from toolchain.basemodel import build_adapted
-    from toolchain.data import load_data
-    from toolchain.models import CONV_TYPES, build_model, count_params, find_head
+    from toolchain.models.assembly import build_adapted
+    from toolchain.data.protocol import load_data
+    from toolchain.models.backbones import CONV_TYPES, build_model, count_params, find_head
 
     recipe = default_recipe(tmp_path)
     assert recipe.method.name == "ttlora" and recipe.data.format == "basicmotions"
@@ -159,9 +159,9 @@ def test_default_recipe_trains_at_most_1_5_percent_with_ttlora(tmp_path):
 def test_default_recipe_shift_clearly_drops_zero_shot_f1(tmp_path):
     """Pretrain the default base exactly as the recipe says, then score it on the target test windows
     without and with the recipe's physical shift: the shift must cost a clear share of macro-F1."""
-    from toolchain.basemodel import load_base_model
+    from toolchain.models.assembly import load_base_model
     from toolchain.stages.adapt import pretrain
-    from toolchain.data import load_data
+    from toolchain.data.protocol import load_data
     from toolchain.metrics import evaluate
 
     recipe = default_recipe(tmp_path)

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from toolchain.data import build_protocol, load_data
-from toolchain.dataformats import RawDataset, Split, load_basicmotions, load_uci_har
-from toolchain.recordings import find_overlaps, recording_groups
+from toolchain.data.protocol import build_protocol, load_data
+from toolchain.data.formats import RawDataset, Split, load_basicmotions, load_uci_har
+from toolchain.data.recordings import find_overlaps, recording_groups
 from toolchain.errors import EdgetoolError
 from toolchain.recipe import DataConfig, load_recipe, recipe_from_dict
 

@@ -13,7 +13,7 @@ from toolchain.errors import EdgetoolError
 from toolchain.methods.registry import get_method
 from toolchain.methods.settings import method_settings
 from toolchain.methods.ttlora import TTLoRAConv, tt_contract, tt_svd
-from toolchain.models import CONV_TYPES, MobileNet1d, ResNet1d, find_head
+from toolchain.models.backbones import CONV_TYPES, MobileNet1d, ResNet1d, find_head
 from toolchain.recipe import OptimConfig
 
 import zoo

@@ -21,7 +21,7 @@ from onnx import numpy_helper
 
 from conftest import assert_parity_passed, needs_tensorrt
 from toolchain.cli import main
-from toolchain.parity import Check, junit_xml, latency_input, latency_stats
+from toolchain.proof.parity import Check, junit_xml, latency_input, latency_stats
 
 FAST = ["--iterations", "5", "--warmup", "1"]
 

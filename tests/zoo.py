@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fixtures_2d import small_cnn
-from toolchain.models import MobileNet1d, ResNet1d
+from toolchain.models.backbones import MobileNet1d, ResNet1d
 
 # (conv factory, input shape without batch): every kind the issues name, incl. those PEFT refuses to merge.
 CONV_KINDS = {

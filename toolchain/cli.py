@@ -26,7 +26,7 @@ PRECISION = click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16
 
 def load_with_device(recipe: Path, device: str | None, precision: str | None, sections=("pretrain", "train")):
     """The recipe with --device / --precision applied to the training sections this command runs."""
-    from .device import check_precision, resolve_device
+    from .training.device import check_precision, resolve_device
     from .recipe import load_recipe
 
     r = load_recipe(recipe)

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import Split
+from .data.formats import Split
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:

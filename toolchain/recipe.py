@@ -105,7 +105,7 @@ class OptimConfig(_Strict):
     batch_size: int = Field(16, gt=0)
     eval_every: int = Field(10, gt=0, description="evaluate macro-F1 on the target test split every N steps")
     target_f1: float = Field(0.9, gt=0, le=1, description="steps_to_target is the first evaluation step reaching this")
-    lean_step: bool = Field(True, description="train frozen layers through toolchain.lean (keep for backward only what "
+    lean_step: bool = Field(True, description="train frozen layers through toolchain.training.lean (keep for backward only what "
                             "the trainable parameters' and input gradients need); false: plain autograd, to compare")
     # Per section: the base may be pretrained on a workstation GPU and adapted on the device.
     device: str = Field("auto", description="auto (CUDA when usable, else CPU), cpu, cuda or cuda:N")
@@ -115,7 +115,7 @@ class OptimConfig(_Strict):
     @field_validator("device")
     @classmethod
     def _device_spec(cls, v: str) -> str:
-        from .device import DEVICE_SPEC
+        from .training.device import DEVICE_SPEC
 
         if not DEVICE_SPEC.fullmatch(v):
             raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {v!r}")

@@ -31,12 +31,12 @@ from torch import nn
 
 from .console import say
 from .artifacts import atomic_dir, atomic_write_json, read_json
-from .basemodel import ModelSpec, Shapes, build_adapted, load_base_model, original_model
-from .data import DataBundle, load_data
+from .models.assembly import ModelSpec, Shapes, build_adapted, load_base_model, original_model
+from .data.protocol import DataBundle, load_data
 from .errors import EdgetoolError
 from .methods.base import AdaptationMethod
 from .methods.settings import MethodSettings
-from .models import read_base_checkpoint
+from .models.checkpoints import read_base_checkpoint
 from .plots import plot_f1_curves
 from .recipe import Recipe, load_recipe
 

@@ -4,7 +4,7 @@
 own clock (`clock` says which), and `deactivate()` frees it; runners are context managers.
 A `Backend` says whether it can run here (and why not), which precisions it checks, and makes the
 runners for the graphs of an engine directory. Adding a backend = one subclass + `@register_backend`.
-Comparison of outputs lives in toolchain.parity, apart from the backends."""
+Comparison of outputs lives in toolchain.proof.parity, apart from the backends."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import numpy as np
 
 from ..errors import EdgetoolError, first_line
+from .timing import timed_loop
 
 if TYPE_CHECKING:
     from ..enginedir import EngineDir
@@ -131,8 +132,6 @@ class Runner(ABC):
         """Per-iteration seconds of inferring `x`: warm up for `warmup_s`, then at least `min_iters`
         iterations and `min_seconds`. This default times with the host clock (`time_once`); a runner
         with a better clock overrides it."""
-        from .timing import timed_loop
-
         x = np.ascontiguousarray(x, dtype=np.float32)
         return timed_loop(lambda n: np.array([self.time_once(x) for _ in range(n)]), warmup_s, min_iters, min_seconds)
 

@@ -6,12 +6,18 @@ runners round by round so drift hits them alike. The clock is the runner's: the 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from .base import Runner
+
+class TimedRunner(Protocol):
+    """What interleaving needs of a runner (backends.base.Runner has it); a protocol, so that this module,
+    which Runner's own timing uses, does not import the runners."""
+
+    round_iterations: int
+
+    def time_batch(self, x: np.ndarray, warmup_s: float = 0.0, min_iters: int = 1, min_seconds: float = 0.0) -> np.ndarray: ...
 
 
 def timed_loop(run_chunk: Callable[[int], np.ndarray], warmup_s: float, min_iters: int, min_seconds: float,
@@ -36,7 +42,7 @@ def timed_loop(run_chunk: Callable[[int], np.ndarray], warmup_s: float, min_iter
     return np.concatenate(parts) if parts else np.empty(0)
 
 
-def interleaved_rounds(runners: dict[str, Runner], x: np.ndarray, warmup_rounds: int, rounds: int,
+def interleaved_rounds(runners: dict[str, TimedRunner], x: np.ndarray, warmup_rounds: int, rounds: int,
                        warmup_s: float = 0.0, min_seconds: float = 0.0,
                        clock: Callable[[], float] = time.perf_counter) -> dict[str, np.ndarray]:
     """One figure per runner and round: the median of `runner.time_batch(x, 0, runner.round_iterations, 0)`.

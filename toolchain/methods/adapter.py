@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import EdgetoolError, NotMergeableError
-from ..models import set_submodule
+from ..models.backbones import set_submodule
 from .base import AdaptationMethod, AdapterLayer, select_convs
 
 

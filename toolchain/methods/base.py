@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import EdgetoolError, NotMergeableError
-from ..models import CONV_TYPES, set_submodule
+from ..models.backbones import CONV_TYPES, set_submodule
 
 if TYPE_CHECKING:
     from ..recipe import OptimConfig

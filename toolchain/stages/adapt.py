@@ -7,16 +7,16 @@ from typing import Any
 
 from ..console import say, say_notes
 from ..artifacts import claimed_output, default_output, remove_stale_temps
-from ..basemodel import build_adapted, check_model_io, ensure_base_model, original_model, train_base
-from ..data import DataBundle, load_data
+from ..models.assembly import build_adapted, check_model_io, ensure_base_model, original_model, train_base
+from ..data.protocol import DataBundle, load_data
 from ..errors import EdgetoolError
 from ..methods.settings import MethodSettings
 from ..metrics import evaluate
-from ..models import count_params
+from ..models.backbones import count_params
 from ..recipe import Recipe, check_inputs_exist
 from ..rundir import RUN_FILES, WHAT, adapter_payload, write_run
-from ..device import training_device
-from ..train import fit, seed_everything
+from ..training.device import training_device
+from ..training.fit import fit, seed_everything
 
 
 

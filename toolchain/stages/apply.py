@@ -18,12 +18,13 @@ from pydantic import ValidationError
 
 from ..console import say
 from ..artifacts import claimed_output, sha256_file
-from ..basemodel import build_adapted, check_io, load_base_model, original_model
-from ..data import load_data
+from ..models.assembly import build_adapted, check_io, load_base_model, original_model
+from ..data.protocol import load_data
 from ..errors import EdgetoolError
 from ..methods.settings import MethodSettings, method_settings
 from ..metrics import evaluate
-from ..models import count_params, read_base_checkpoint
+from ..models.backbones import count_params
+from ..models.checkpoints import read_base_checkpoint
 from ..recipe import Recipe
 from ..rundir import RUN_FILES, WHAT, data_missing, read_adapter, recorded_spec, run_id, write_run
 

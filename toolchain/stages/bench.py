@@ -1,13 +1,13 @@
 """Stage `bench`: every adaptation method on the recipe's source -> target protocol, same budget, each at
 a learning rate chosen on the validation split.
 
-Two phases. Selection (toolchain.selection): every method with a learning-rate grid trains at each rate on
+Two phases. Selection (toolchain.bench.selection): every method with a learning-rate grid trains at each rate on
 every seed and is scored on the validation split only; its rate is the one with the best mean final
 validation macro-F1. Report: every method trains again at its chosen rate on every seed and is measured;
 only here is the test split used. For each seed the methods see the same few target shots and the same
 batches in the same order (`fit`'s order depends only on the seed, batch size and step count, which
 `BenchConfig` keeps shared), so differences between rows come from the methods. Runs go to `--workers`
-processes (toolchain.benchjobs); each depends only on its (method, seed, rate). Output directory:
+processes (toolchain.bench.jobs); each depends only on its (method, seed, rate). Output directory:
   bench.json        one row per method: mean/std over seeds of every measured figure (+ per-seed values), the
                     learning-rate grid with validation F1 per rate, and convergence to headroom targets
   bench.md          the same as markdown tables
@@ -15,8 +15,8 @@ processes (toolchain.benchjobs); each depends only on its (method, seed, rate). 
   f1_vs_params.png  final macro-F1 against trainable parameters
   val_f1_vs_lr.png  validation macro-F1 against learning rate, per method (when rates were chosen)
 
-How each figure is measured: toolchain.benchreport.MEASUREMENT (also written into bench.json). Zero
-inference overhead is the same proof fuse-export makes (toolchain.fusion.prove_fusion), plus the
+How each figure is measured: toolchain.bench.report.MEASUREMENT (also written into bench.json). Zero
+inference overhead is the same proof fuse-export makes (toolchain.proof.fusion.prove_fusion), plus the
 fused model's ONNX graph compared with the original's.
 """
 
@@ -35,24 +35,24 @@ from tqdm import tqdm
 
 from ..console import say, say_notes
 from ..artifacts import atomic_dir, atomic_write_json, atomic_write_text, claimed_output, default_output
-from ..basemodel import build_adapted, check_model_io, ensure_base_model, original_model
-from ..benchjobs import Job, ReportInputs, RunPool, curve_subsample, report_run
-from ..benchreport import (MEASUREMENT, add_cost_ratios, convergence_table, count_text, markdown_table, mean_std, selection_fields,
+from ..models.assembly import build_adapted, check_model_io, ensure_base_model, original_model
+from ..bench.jobs import Job, ReportInputs, RunPool, curve_subsample, report_run
+from ..bench.report import (MEASUREMENT, add_cost_ratios, convergence_table, count_text, markdown_table, mean_std, selection_fields,
                            selection_table, summarise)
-from ..convergence import convergence
-from ..data import DataBundle, load_data
-from ..device import training_device
+from ..bench.convergence import convergence
+from ..data.protocol import DataBundle, load_data
+from ..training.device import training_device
 from ..enginedir import onnx_name
 from ..errors import EdgetoolError, InternalError
-from ..export import export_onnx
+from ..proof.export import export_onnx
 from ..methods.settings import MethodSettings, method_names, settings_for
 from ..metrics import evaluate
-from ..models import count_params
+from ..models.backbones import count_params
 from ..plots import plot_f1_curves, plot_lr_grid, plot_scatter
 from ..recipe import OptimConfig, Recipe, check_inputs_exist, format_validation_error
-from ..selection import CRITERION as SELECTION_CRITERION
-from ..selection import check_validation, rate_grids, select_rates
-from ..traincost import full_step_cost
+from ..bench.selection import CRITERION as SELECTION_CRITERION
+from ..bench.selection import check_validation, rate_grids, select_rates
+from ..training.cost import full_step_cost
 
 # What a bench directory always holds: `--out` may replace only a directory that has them.
 BENCH_FILES = ("bench.json", "bench.md")

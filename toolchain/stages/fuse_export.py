@@ -20,15 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import export as ex
+from ..proof import export as ex
 from ..console import say_notes
 from ..artifacts import atomic_write_json, sha256_file
 from ..backends.onnxruntime import run_onnx
 from ..enginedir import claimed_export_dir, failed_report_path, onnx_name, seal, writing
 from ..errors import EdgetoolError, ParityError
-from ..fusion import FusionProof, prove_fusion
+from ..proof.fusion import FusionProof, prove_fusion
 from ..metrics import macro_f1, predict_logits
-from ..parity import accuracy_parity, criteria
+from ..proof.parity import accuracy_parity, criteria
 from ..rundir import ADAPTER_FILE, AdaptedRun, EvaluationInputs, evaluation_inputs, load_run, seeded_inputs
 
 
@@ -205,7 +205,7 @@ def _fp16_parity(run: AdaptedRun, tmp: Path, report: dict[str, Any], fp32_output
     ort16_fused = run_onnx(tmp / onnx_name("fused", "fp16"), test.X)
     ort16_ref = run_onnx(tmp / onnx_name("original", "fp16"), test.X)
     fp16_f1 = _f1(test.y, fp16_fused.argmax(1))
-    # The same FP16 criteria as verify's (toolchain.parity.accuracy_parity): each FP16 graph against its own
+    # The same FP16 criteria as verify's (toolchain.proof.parity.accuracy_parity): each FP16 graph against its own
     # FP32 graph, the fused one judged next to the original one.
     crit = replace(criteria(run.recipe.verify, "fp16"), min_agreement=cfg.fp16_min_agreement)
     parity = {}

@@ -11,7 +11,7 @@ Checks (each one a JUnit testcase; a failure -> exit 1 naming it):
   structure.<precision>.runtime_graph_identical  ... and so are the graphs the backend will execute, where it
                                          exposes them (ONNX Runtime's optimised graphs)
   structure.engine_layers_identical      (TensorRT) both engines' layers, precisions and tactics, layer by layer
-  latency.batch_<n>                      pass / fail / inconclusive (toolchain.parity.latency_verdict);
+  latency.batch_<n>                      pass / fail / inconclusive (toolchain.proof.parity.latency_verdict);
                                          inconclusive never fails the run and is never called a pass
 Precisions: what the backend runs (ONNX Runtime: the FP32 and the FP16 graph; TensorRT: FP16 engines).
 
@@ -41,13 +41,13 @@ from ..enginedir import (FUSE_REPORT, VERIFY_JUNIT, VERIFY_REPORT, EngineDir, ch
                          integrity_problems, read_engine_dir)
 from ..errors import EdgetoolError, ParityError
 from ..metrics import predict_logits
-from ..export import compare_graph_structure
-from ..fusion import fuse_model
-from ..parity import (FAIL, INCONCLUSIVE, NOISE_FACTOR, PASS, WARNING, AccuracyResult, Check, LatencyVerdict,
+from ..proof.export import compare_graph_structure
+from ..proof.fusion import fuse_model
+from ..proof.parity import (FAIL, INCONCLUSIVE, NOISE_FACTOR, PASS, WARNING, AccuracyResult, Check, LatencyVerdict,
                       accuracy_parity, check, criteria, junit_xml, latency_input, latency_stats,
                       latency_verdict)
 from ..recipe import VerifyConfig
-from ..unfused import unfused_comparison
+from ..proof.unfused import unfused_comparison
 from ..rundir import AdaptedRun, evaluation_inputs, load_run
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import EdgetoolError
-from .methods.base import BN_TYPES, AdaptationMethod
-from .models import CONV_TYPES
+from ..errors import EdgetoolError
+from ..methods.base import BN_TYPES, AdaptationMethod
+from ..models.backbones import CONV_TYPES
 
 # Layers compared one by one: every module of the fused model that carries weights.
 COMPARED_TYPES = (*CONV_TYPES, nn.Linear, *BN_TYPES)

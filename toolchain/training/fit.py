@@ -12,13 +12,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import Split
+from ..data.formats import Split
 from .lean import lean_training
 from .device import training_device
-from .metrics import evaluate
-from .errors import DivergedError
-from .methods.base import AdaptationMethod
-from .recipe import OptimConfig
+from ..metrics import evaluate
+from ..errors import DivergedError
+from ..methods.base import AdaptationMethod
+from ..recipe import OptimConfig
 
 
 def seed_everything(seed: int) -> None:
@@ -43,7 +43,7 @@ class TrainResult:
     train_seconds: float
     peak_memory_bytes: int
     memory_breakdown: dict[str, int] = field(default_factory=dict)
-    device: dict = field(default_factory=dict)  # toolchain.device.TrainingDevice.describe()
+    device: dict = field(default_factory=dict)  # toolchain.training.device.TrainingDevice.describe()
     peak_memory_source: str = "tensor-account"  # or "cuda-allocator" (see fit)
     skipped_steps: int = 0  # fp16: optimizer steps the gradient scaler skipped (overflowed gradients)
 
@@ -159,7 +159,7 @@ def fit(
                 resident = torch.cuda.memory_allocated(td.device)
         else:
             saved_tensors = contextlib.nullcontext()
-        with saved_tensors, td.autocast(), lean_training(model, enabled=cfg.lean_step):  # toolchain/lean/
+        with saved_tensors, td.autocast(), lean_training(model, enabled=cfg.lean_step):  # toolchain/training/lean/
             loss = loss_fn(model(X[ix]), y[ix])
         if not torch.isfinite(loss):
             hint = " or train in bf16/fp32" if td.precision == "fp16" else ""

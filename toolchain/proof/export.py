@@ -24,9 +24,9 @@ import onnx
 import torch
 from torch import nn
 
-from .artifacts import atomic_write_bytes
-from .backends.onnxruntime import ort_session
-from .errors import EdgetoolError
+from ..artifacts import atomic_write_bytes
+from ..backends.onnxruntime import ort_session
+from ..errors import EdgetoolError
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .errors import EdgetoolError
-from .dataformats import RawDataset, Split, load_raw  # noqa: F401  (Split is part of this module's API)
-from .recipe import DataConfig
+from ..errors import EdgetoolError
+from .formats import RawDataset, Split, load_raw
+from ..recipe import DataConfig
 from .recordings import recording_groups
 
 
@@ -171,13 +171,6 @@ def _pick(strata: np.ndarray, groups: np.ndarray | None, per: int, rng: np.rando
     return np.sort(np.concatenate(picked))
 
 
-def _concat(a: Split, b: Split | None) -> Split:
-    if b is None:
-        return a
-    both = lambda x, y: None if x is None or y is None else np.concatenate([x, y])  # noqa: E731
-    return Split(np.concatenate([a.X, b.X]), np.concatenate([a.y, b.y]), both(a.domain, b.domain), both(a.group, b.group))
-
-
 def _empty_like(split: Split) -> Split:
     return split.take(np.zeros(0, dtype=np.int64))
 
@@ -234,7 +227,7 @@ def build_protocol(raw: RawDataset, cfg: DataConfig, seed: int = 0) -> DataBundl
     notes: list[str] = []
 
     # Recordings over the windows of both files: one recording may have been cut into both.
-    pool = _concat(raw.train, raw.test)
+    pool = raw.train.concat(raw.test)
     groups, group_source, note = recording_groups(pool.X, pool.group)
     notes += [note] if note else []
     train = replace(raw.train, group=groups[: len(raw.train)])

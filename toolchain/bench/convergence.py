@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .benchreport import mean_std
-from .errors import InternalError
-from .train import EvalPoint
+from .report import mean_std
+from ..errors import InternalError
+from ..training.fit import EvalPoint
 
 
 def fraction_key(fraction: float) -> str:

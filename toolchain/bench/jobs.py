@@ -28,16 +28,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from .basemodel import build_adapted
-from .data import DataBundle, Split
-from .errors import DivergedError, EdgetoolError, NotMergeableError
-from .export import compare_graph_structure, export_onnx
-from .fusion import prove_fusion
-from .methods.settings import MethodSettings
-from .metrics import evaluate, macro_f1, predict_logits
-from .recipe import OptimConfig, Recipe
-from .traincost import adapter_bytes, measure_step_flops, time_train_steps
-from .train import fit, seed_everything
+from ..models.assembly import build_adapted
+from ..data.formats import Split
+from ..data.protocol import DataBundle
+from ..errors import DivergedError, EdgetoolError, NotMergeableError
+from ..proof.export import compare_graph_structure, export_onnx
+from ..proof.fusion import prove_fusion
+from ..methods.settings import MethodSettings
+from ..metrics import evaluate, macro_f1, predict_logits
+from ..recipe import OptimConfig, Recipe
+from ..training.cost import adapter_bytes, measure_step_flops, time_train_steps
+from ..training.fit import fit, seed_everything
 
 
 @dataclass(frozen=True)

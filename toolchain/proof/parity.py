@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import macro_f1
-from .recipe import VerifyConfig
+from ..metrics import macro_f1
+from ..recipe import VerifyConfig
 
 PASS, FAIL, INCONCLUSIVE, WARNING = "pass", "fail", "inconclusive", "warning"
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EdgetoolError
-from .recipe import DataConfig
+from ..errors import EdgetoolError
+from ..recipe import DataConfig
 
 
 @dataclass
@@ -29,6 +29,14 @@ class Split:
     def take(self, idx: np.ndarray) -> "Split":
         pick = lambda a: None if a is None else a[idx]  # noqa: E731
         return Split(self.X[idx], self.y[idx], pick(self.domain), pick(self.group))
+
+    def concat(self, other: "Split | None") -> "Split":
+        """This split followed by `other` (itself when `other` is None); domain and group survive only when both have them."""
+        if other is None:
+            return self
+        both = lambda a, b: None if a is None or b is None else np.concatenate([a, b])  # noqa: E731
+        return Split(np.concatenate([self.X, other.X]), np.concatenate([self.y, other.y]),
+                     both(self.domain, other.domain), both(self.group, other.group))
 
 
 @dataclass
@@ -151,7 +159,7 @@ def load_ts_pair(train_path: Path, test_path: Path, classes: list[str] | None) -
 
 def load_basicmotions() -> RawDataset:
     """The embedded default: BasicMotions, shipped inside the package (see datasets/BasicMotions/ATTRIBUTION.md)."""
-    root = resources.files("toolchain") / "datasets" / "BasicMotions"
+    root = resources.files("toolchain.data") / "datasets" / "BasicMotions"
     with resources.as_file(root / "BasicMotions_TRAIN.ts") as tr, resources.as_file(root / "BasicMotions_TEST.ts") as te:
         return load_ts_pair(Path(tr), Path(te), None)
 

@@ -12,11 +12,11 @@ import time
 import torch
 from torch import nn
 
-from .basemodel import build_adapted
+from ..models.assembly import build_adapted
 from .device import TrainingDevice, training_device
 from .lean import lean_training
-from .recipe import OptimConfig
-from .train import fit, seed_everything
+from ..recipe import OptimConfig
+from .fit import fit, seed_everything
 
 # Elementwise FLOPs per trainable element of one optimizer step (FlopCounterMode does not see them).
 # Adam (torch, single-tensor path): exp_avg.lerp_ 3 + exp_avg_sq.mul_.addcmul_ 4 + sqrt/div/add eps 3

@@ -2,7 +2,7 @@
 to a usable torch.device, the `precision` (fp32 | fp16 | bf16) checked against it, the autocast context
 and gradient scaler that precision needs, and a description of both for metrics.json / bench.json.
 
-Used by `toolchain.train.fit` and `toolchain.traincost`; nothing else decides a training device."""
+Used by `toolchain.training.fit.fit` and `toolchain.training.cost`; nothing else decides a training device."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import EdgetoolError, first_line
+from ..errors import EdgetoolError, first_line
 
 DEVICE_SPEC = re.compile(r"auto|cpu|cuda(:\d+)?")
 PRECISIONS = ("fp32", "fp16", "bf16")

@@ -17,12 +17,12 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from .benchjobs import Job, RunPool, SelectionInputs, selection_run, selection_view
-from .benchreport import mean_std
-from .data import DataBundle
-from .errors import EdgetoolError
-from .methods.settings import MethodSettings
-from .recipe import OptimConfig, Recipe
+from .jobs import Job, RunPool, SelectionInputs, selection_run, selection_view
+from .report import mean_std
+from ..data.protocol import DataBundle
+from ..errors import EdgetoolError
+from ..methods.settings import MethodSettings
+from ..recipe import OptimConfig, Recipe
 
 CRITERION = ("final macro-F1 on the validation split (data.target_val) after train.steps, mean over seeds; one rate "
              "per method: the smallest rate whose mean is within one standard error (sample std over seeds / "

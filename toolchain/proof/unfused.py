@@ -11,16 +11,16 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .console import say
-from .backends.base import BACKENDS, Backend, Runner
-from .backends.onnxruntime import ort_session
-from .backends.pytorch import TorchRunner
-from .errors import first_line
-from .backends.timing import interleaved_rounds
-from .enginedir import EngineDir
+from ..console import say
+from ..backends.base import BACKENDS, Backend, Runner
+from ..backends.onnxruntime import ort_session
+from ..backends.pytorch import TorchRunner
+from ..errors import first_line
+from ..backends.timing import interleaved_rounds
+from ..enginedir import EngineDir
 from .export import export_onnx
 from .parity import latency_input, latency_stats
-from .recipe import VerifyConfig
+from ..recipe import VerifyConfig
 
 # One intra-op thread while timing eager PyTorch: its OpenMP pool spin-waits, and on a loaded machine a
 # multi-thread pool drowned the difference being measured. Both models get the same setting; restored after.

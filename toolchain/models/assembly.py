@@ -18,18 +18,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from .console import say
-from .artifacts import sha256_file
-from .data import DataBundle
-from .errors import EdgetoolError, first_line
-from .methods.base import AdaptationMethod
-from .methods.registry import get_method
-from .methods.settings import FullSettings, MethodSettings
-from .metrics import evaluate
-from .models import (build_model, count_params, extend_head, find_head, load_state_checked, read_base_checkpoint,
-                     save_base_checkpoint)
-from .recipe import Recipe
-from .train import fit, seed_everything
+from ..console import say
+from ..artifacts import sha256_file
+from ..data.protocol import DataBundle
+from ..errors import EdgetoolError, first_line
+from ..methods.base import AdaptationMethod
+from ..methods.registry import get_method
+from ..methods.settings import FullSettings, MethodSettings
+from ..metrics import evaluate
+from .backbones import build_model, count_params, extend_head, find_head
+from .checkpoints import load_state_checked, read_base_checkpoint, save_base_checkpoint
+from ..recipe import Recipe
+from ..training.fit import fit, seed_everything
 
 
 

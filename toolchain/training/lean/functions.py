@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..methods.ttlora import TTLoRAConv
+from ...methods.ttlora import TTLoRAConv
 from .geometry import ConvGeometry, channel_view, reduce_dims
 from .precision import as_dtype, autocast_dtype, autocast_off
 from .sidepath import SideWeights, main_and_side, side_grad

@@ -1,19 +1,15 @@
 """Backbones and model plumbing: the built-in HAR CNNs (plain Conv1d/BatchNorm1d/Linear so export
-stays clean), bring-your-own factories, classifier-head handling and base checkpoints."""
+stays clean), bring-your-own factories and classifier-head handling."""
 
 from __future__ import annotations
 
 import importlib
-import io
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from .artifacts import atomic_write_bytes
-from .errors import EdgetoolError
-from .recipe import ModelConfig
+from ..errors import EdgetoolError
+from ..recipe import ModelConfig
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d)
 
@@ -169,47 +165,3 @@ def extend_head(model: nn.Module, head_name: str, num_classes: int) -> None:
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-
-BASE_FORMAT = "edgetool-base/1"
-
-
-def save_base_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
-    buf = io.BytesIO()
-    # CPU tensors, so a base trained on a GPU loads anywhere.
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"format": BASE_FORMAT, "state_dict": state, **meta}, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def read_base_checkpoint(path: Path) -> dict[str, Any]:
-    path = Path(path)
-    if path.is_dir():
-        raise EdgetoolError(f"base checkpoint {path} is a directory, not a checkpoint file (recipe field 'model.checkpoint')")
-    if not path.is_file():
-        raise EdgetoolError(f"base checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle/zip errors: say what the file is not
-        raise EdgetoolError(f"base checkpoint {path} cannot be read as a weights-only torch checkpoint ({type(exc).__name__})") from None
-    if isinstance(ckpt, dict) and ckpt.get("format") == BASE_FORMAT:
-        return ckpt
-    if isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        return {"format": "state_dict", "state_dict": ckpt}  # a plain state dict from the user
-    raise EdgetoolError(f"base checkpoint {path} is neither an edgetool checkpoint nor a state dict")
-
-
-def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """load_state_dict, but an incompatible checkpoint becomes one line naming the first mismatch."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    extra = [k for k in state if k not in own]
-    if missing or extra:
-        detail = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
-        raise EdgetoolError(f"{what} does not fit this model architecture: {detail}")
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise EdgetoolError(f"{what} does not fit this model architecture: '{k}' is {tuple(v.shape)}, model has {tuple(own[k].shape)}")
-    model.load_state_dict(state)

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InternalError
-from .train import EvalPoint
+from ..errors import InternalError
+from ..training.fit import EvalPoint
 
 MEASUREMENT = {
     "flops_per_step": (
@@ -30,11 +30,11 @@ MEASUREMENT = {
     "peak_memory_vs_full": "peak_memory_bytes_mean / full fine-tuning's, same device and precision, same run",
     "adapter_bytes": "len(torch.save(method.adapter_state(model)))",
     "lean_step": ("with train.lean_step (the default) the measured steps (fit's, the timed and the FLOP-counted one) run "
-                  "through toolchain.lean: frozen layers keep only what the gradients need; TT-LoRA computes no dense "
+                  "through toolchain.training.lean: frozen layers keep only what the gradients need; TT-LoRA computes no dense "
                   "weight gradient"),
     "zero_overhead": ("fuse-export's fusion proof (architecture, per-layer and end-to-end equivalence) passes and the "
                       "fused model exported to ONNX is structurally identical to the method-free original "
-                      "(toolchain.export.compare_graph_structure), checked on the first seed"),
+                      "(toolchain.proof.export.compare_graph_structure), checked on the first seed"),
     "std": "sample standard deviation over seeds (ddof=1; 0 for one seed)",
     "steps_to_target": ("first evaluation step with macro-F1 >= train.target_f1 (the absolute target) on the curve "
                         "subsample; mean/std over the seeds that reached it"),
@@ -42,7 +42,7 @@ MEASUREMENT = {
               "(bench.eval_subsample windows, drawn once per seed, the same for every method and rate)"),
     "f1": "macro-F1 / accuracy of the final model on the whole target test split, at the method's chosen learning rate",
     "lr": ("chosen per method on the validation split: final macro-F1 on data.target_val, mean over seeds; the smallest "
-           "rate within one standard error of the best mean (toolchain/selection.py), rates where a seed diverged not "
+           "rate within one standard error of the best mean (toolchain/bench/selection.py), rates where a seed diverged not "
            "eligible; the test split is not used for choosing"),
     "convergence": ("per seed, targets zero-shot F1 + fraction x (best final F1 of any method - zero-shot F1) on the "
                     "curve subsample; steps = first evaluation step reaching it; seconds = training time to that step "

@@ -1,5 +1,5 @@
 """Which modules of a model the lean step treats, and the context manager that routes their forward
-through toolchain.lean.functions and restores it."""
+through toolchain.training.lean.functions and restores it."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..methods.base import BN_TYPES
-from ..methods.ttlora import TTLoRAConv
+from ...methods.base import BN_TYPES
+from ...methods.ttlora import TTLoRAConv
 
 from .functions import RELU, RELU6, LayerSpec, LeanActivation, LeanLayer, bn_scale, contracted_cores
 from .geometry import CONV_CLASSES, ConvGeometry

@@ -1,0 +1,1 @@
+"""The bench's libraries: learning-rate selection, convergence, the jobs it runs, its report."""

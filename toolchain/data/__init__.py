@@ -1,0 +1,1 @@
+"""The data path: file formats, recording groups, the source -> target protocol, the embedded datasets."""

@@ -1,0 +1,1 @@
+"""The models: built-in backbones and their heads, base checkpoints, base/original/adapted assembly."""

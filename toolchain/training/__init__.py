@@ -1,0 +1,1 @@
+"""Training: fit, the training device and precision, the lean step, what a training step costs."""
