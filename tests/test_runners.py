@@ -161,16 +161,20 @@ def test_tensorrt_absent_is_one_line_with_install_hint(monkeypatch):
 
 def test_broken_tensorrt_install_is_told_apart(monkeypatch, tmp_path):
     # A tensorrt package whose shared library is missing (a JetPack/CUDA mismatch) is not "not installed".
+    # The real bindings (10.3, without libnvinfer) raise exactly this: their extension module is itself
+    # named `tensorrt`, so exc.name is 'tensorrt' (tests/test_trt_bindings.py checks it on the real ones).
     pkg = tmp_path / "tensorrt"
     pkg.mkdir()
     (pkg / "__init__.py").write_text(
-        "raise ImportError('libnvinfer.so.10: cannot open shared object file', name='libnvinfer')\n")
+        "raise ImportError('libnvinfer.so.10: cannot open shared object file: No such file or directory', "
+        "name='tensorrt', path=__file__)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
     with pytest.raises(EdgetoolError) as err:
         select_backend("tensorrt")
     msg = str(err.value)
-    assert "installed but `import tensorrt` fails (libnvinfer.so.10" in msg and "\n" not in msg
+    assert "bindings are installed but the library libnvinfer.so.10" in msg and "\n" not in msg
+    assert "python3-libnvinfer" in msg and msg != TENSORRT_MISSING
     backend, why = select_backend("auto")
     assert backend.name == "onnxruntime" and "libnvinfer.so.10" in why
 
