@@ -31,6 +31,7 @@ command -v "$CC" >/dev/null || { echo "tensorrt-bindings: error: no C compiler (
 command -v readelf >/dev/null || { echo "tensorrt-bindings: error: readelf (binutils) not found" >&2; exit 2; }
 
 mkdir -p "$CACHE/wheels"
+CACHE=$(cd "$CACHE" && pwd)
 cudart_dir=$CACHE/cudart
 mkdir -p "$cudart_dir"
 # Polygraphy's wrapper loads the first libcudart.so* on LD_LIBRARY_PATH.
@@ -88,15 +89,17 @@ for spec in "${SPECS[@]}"; do
   done
   echo "=== tensorrt-bindings: $spec: $(wc -l <"$dir/lib/symbols.txt") native entry points stubbed ==="
   set +e
-  EDGETOOL_TRT_BINDINGS="$version" EDGETOOL_TRT_BINDINGS_SITE="$ROOT/$dir/site" \
-    LD_LIBRARY_PATH="$ROOT/$dir/lib:$ROOT/$cudart_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
-    PYTHONPATH="$ROOT:$ROOT/$dir/site${PYTHONPATH:+:$PYTHONPATH}" \
+  EDGETOOL_TRT_BINDINGS="$version" EDGETOOL_TRT_BINDINGS_SITE="$dir/site" \
+    LD_LIBRARY_PATH="$dir/lib:$cudart_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+    PYTHONPATH="$ROOT:$dir/site${PYTHONPATH:+:$PYTHONPATH}" \
     "$PY" -m pytest -q -p no:cacheprovider tests/test_trt_bindings.py "$@" >"$dir/pytest.log" 2>&1
   rc=$?
   set -e
-  real=$(EDGETOOL_STUB_CUDA_DEVICES=1 LD_LIBRARY_PATH="$ROOT/$dir/lib" PYTHONPATH="$ROOT/$dir/site" \
+  real=$(EDGETOOL_STUB_CUDA_DEVICES=1 LD_LIBRARY_PATH="$dir/lib" PYTHONPATH="$dir/site" \
          "$PY" -c 'import tensorrt; print(tensorrt.__version__)' 2>/dev/null || echo "?")
   tail -n 1 "$dir/pytest.log" | sed 's/^/    /'
+  # A run that passed nothing (everything skipped: the environment did not take) has proven nothing.
+  if [ "$rc" -eq 0 ] && ! tail -n 1 "$dir/pytest.log" | grep -q " passed"; then rc=5; fi
   if [ "$rc" -eq 0 ]; then
     line="TensorRT $real bindings: passed"
   else
