@@ -84,7 +84,7 @@ def test_cache_key_has_tensorrt_device_sm_count_and_l4t_release():
     assert [k for k in key if key[k] != reflashed[k]] == ["l4t_release"]
 
 
-def test_trt86_builds_with_profile_sharing_so_the_timing_context_may_share_a_profile():
+def test_profile_sharing_switched_on_for_trt86_only_not_trt10_3_or_trt11():
     # TensorRT 8.6 refuses a second execution context on a profile another one holds unless the engine
     # was built with PROFILE_SHARING_0806 (off by default there; always on from 10.0).
     p86 = plan_build(TRT_8_6, ORIN_NANO, (1, 32), WEAK_FP16_FLAG)
