@@ -240,7 +240,7 @@ def real_function(trt, name: str, impl, used: list):
         sigs = signatures(fn)
         holder = type("F", (), {name: fn})
         if sigs:
-            check_call(trt, holder, name, (None, *args)[1:], kwargs)
+            check_call(trt, holder, name, args, kwargs)
         used.append(("call", "tensorrt", name))
         return impl(*args, **kwargs)
 
