@@ -55,12 +55,36 @@ def test_nvpmodel_query_is_parsed():
 def test_clock_state_pinned_only_when_every_clock_is():
     pinned = {"gpu": {"min": 1_020_000_000, "max": 1_020_000_000, "cur": 1_020_000_000},
               "cpu0": {"min": 1_510_400, "max": 1_510_400, "cur": 1_510_400}}
-    assert clock_state(pinned) == {"pinned": True, "unpinned": [], "gpu_mhz": 1020.0, "gpu_max_mhz": 1020.0}
+    emc = {"min": 3_199_000_000, "max": 3_199_000_000, "cur": 3_199_000_000}
+    assert clock_state({**pinned, "emc": emc}) == {"pinned": True, "unpinned": [], "gpu_mhz": 1020.0,
+                                                   "gpu_max_mhz": 1020.0, "emc_mhz": 3199.0}
     scaling = {**pinned, "gpu": {"min": 306_000_000, "max": 1_020_000_000, "cur": 306_000_000}}
     st = clock_state(scaling)
     assert not st["pinned"] and st["unpinned"] == ["gpu"] and st["gpu_mhz"] == 306.0
     no_gpu = clock_state({"cpu0": pinned["cpu0"]})
     assert not no_gpu["pinned"] and "GPU" in no_gpu["note"]
+
+
+def test_memory_clock_counts_toward_pinned():
+    # jetson_clocks also pins the EMC (memory) clock: locks its rate at the maximum (BPMP debugfs).
+    cpu_gpu = {"gpu": {"min": 1_020_000_000, "max": 1_020_000_000, "cur": 1_020_000_000},
+               "cpu0": {"min": 1_510_400, "max": 1_510_400, "cur": 1_510_400}}
+    emc_pinned = {"min": 204_000_000, "max": 3_199_000_000, "cur": 3_199_000_000, "locked": 1}
+    assert clock_state({**cpu_gpu, "emc": emc_pinned})["pinned"] is True
+    scaling = clock_state({**cpu_gpu, "emc": {**emc_pinned, "locked": 0, "cur": 665_600_000}})
+    assert scaling["pinned"] is False and scaling["unpinned"] == ["emc"] and scaling["emc_mhz"] == 665.6
+    unknown = clock_state(cpu_gpu)  # debugfs unreadable without root
+    assert unknown["pinned"] is None and "EMC" in unknown["note"] and "needs root" in unknown["note"]
+
+
+def test_memory_clock_is_read_from_bpmp_debugfs(tmp_path):
+    emc = tmp_path / "kernel" / "debug" / "bpmp" / "debug" / "clk" / "emc"
+    emc.mkdir(parents=True)
+    for name, value in (("min_rate", 204_000_000), ("max_rate", 3_199_000_000), ("rate", 3_199_000_000),
+                        ("mrq_rate_locked", 1)):
+        (emc / name).write_text(f"{value}\n")
+    assert read_frequencies(tmp_path)["emc"] == {"min": 204_000_000, "max": 3_199_000_000, "cur": 3_199_000_000,
+                                                 "locked": 1}
 
 
 def _sysfs(root: Path, gpu_min: int, gpu_max: int) -> Path:
@@ -92,7 +116,7 @@ def test_jetson_state_only_on_a_jetson_and_never_fails(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # no nvpmodel here
     state = jetson_state(release, _sysfs(tmp_path / "sys", 1_020_000_000, 1_020_000_000))
     assert state["l4t_release"] == "36.4.0" and state["power_mode"] == {"error": "nvpmodel not found"}
-    assert state["clocks"]["pinned"] and state["clocks"]["gpu_mhz"] == 1020.0
+    assert state["clocks"]["pinned"] is None and state["clocks"]["gpu_mhz"] == 1020.0  # EMC unreadable here
 
 
 def test_trtexec_gpu_compute_time_is_parsed_not_the_total():

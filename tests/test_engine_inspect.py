@@ -16,7 +16,7 @@ import pytest
 
 from toolchain.backends.base import Backend
 from toolchain.backends.engine_inspect import (compare_engine_layers, layer_precisions, normalise_name,
-                                               parse_engine_information, tactic)
+                                               parse_engine_information, profile_layers, tactic)
 from toolchain.errors import EdgetoolError
 from toolchain.stages.verify import engine_structure_checks
 
@@ -128,6 +128,49 @@ def test_parameters_and_bindings_are_compared():
     del missing["Layers"][3]["Origin"]
     assert compare_engine_layers(_engine(), missing).differences == [
         "layer 3 ('Reformatting CopyNode for Output Tensor 0 to logits'): Origin only in original ('CAST')"]
+
+
+def _tagged(info: dict, profile: int) -> dict:
+    # How the inspector names profile N > 0's layers, tensors and bindings (trt-engine-explorer's
+    # trex/parser.py: a "[profile N]" suffix; profile 0 has none).
+    def tag(value):
+        if isinstance(value, str):
+            return f"{value} [profile {profile}]"
+        if isinstance(value, list):
+            return [tag(v) for v in value]
+        if isinstance(value, dict):
+            return {k: tag(v) if k == "Name" or k in ("Inputs", "Outputs") else v for k, v in value.items()}
+        return value
+
+    return {"Layers": [tag(x) for x in info["Layers"]], "Bindings": tag(info["Bindings"])}
+
+
+def test_each_batch_compares_only_its_own_profiles_layers():
+    # A two-profile engine: the JSON lists both graphs whatever execution context is set.
+    one, thirty_two = _engine(1), _tagged(_engine(32), 1)
+    both = {"Layers": one["Layers"] + thirty_two["Layers"], "Bindings": one["Bindings"] + thirty_two["Bindings"]}
+    assert profile_layers(both, 0) == one
+    p1 = profile_layers(both, 1)
+    assert p1 == _engine(32)  # tags removed, so every profile's graph reads alike
+    assert len(p1["Layers"]) == len(one["Layers"])
+    # Counting and comparing then concerns the batch's own graph: a difference in profile 1 only shows
+    # at batch 32, and the layer count is that of one graph, not the sum over profiles.
+    fused = copy.deepcopy(both)
+    fused["Layers"][len(one["Layers"])]["TacticValue"] = "0x1"
+    assert compare_engine_layers(profile_layers(both, 0), profile_layers(fused, 0)).identical
+    cmp32 = compare_engine_layers(profile_layers(both, 1), profile_layers(fused, 1))
+    assert not cmp32.identical and cmp32.layers == (len(one["Layers"]),) * 2
+
+
+def test_inlined_literals_are_compared_by_structure_not_value():
+    # DETAILED verbosity may list a PointWise layer's inlined constants; they are values, like weights.
+    a, b = _engine(), _engine()
+    a["Layers"][0]["Literals"] = ["1.000000e+00", "5.000000e-01"]
+    b["Layers"][0]["Literals"] = ["1.000000e+00", "2.500000e-01"]
+    assert compare_engine_layers(a, b).identical
+    b["Layers"][0]["Literals"] = ["1.000000e+00"]  # a different structure still shows
+    cmp = compare_engine_layers(a, b)
+    assert not cmp.identical and "Literals: 2 vs 1 entries" in cmp.differences[0]
 
 
 def test_engines_without_detailed_verbosity_cannot_be_proven_identical():

@@ -22,8 +22,10 @@ from toolchain.backends.trtplan import (STRONGLY_TYPED, WEAK_FP16_FLAG, DeviceFa
 from toolchain.errors import EdgetoolError
 
 # Stand-ins for the facts `trt_facts` reads off the installed module (see the module docstring).
-TRT_8_6 = TrtFacts("8.6.2", has_fp16_flag=True, has_strongly_typed=False, polygraphy="0.53.6")
-TRT_10_3 = TrtFacts("10.3.0", has_fp16_flag=True, has_strongly_typed=True, polygraphy="0.53.6")
+TRT_8_6 = TrtFacts("8.6.2", has_fp16_flag=True, has_strongly_typed=False, polygraphy="0.53.6",
+                   has_profile_sharing_preview=True)
+TRT_10_3 = TrtFacts("10.3.0", has_fp16_flag=True, has_strongly_typed=True, polygraphy="0.53.6",
+                    has_profile_sharing_preview=True)
 TRT_11 = TrtFacts("11.0.0", has_fp16_flag=False, has_strongly_typed=True, polygraphy="0.53.6")
 ORIN_NANO = DeviceFacts("Orin", "8.7", 8, "sm87-orin", "36.4.0")
 
@@ -82,6 +84,24 @@ def test_cache_key_has_tensorrt_device_sm_count_and_l4t_release():
     assert [k for k in key if key[k] != reflashed[k]] == ["l4t_release"]
 
 
+def test_profile_sharing_switched_on_for_trt86_only_not_trt10_3_or_trt11():
+    # TensorRT 8.6 refuses a second execution context on a profile another one holds unless the engine
+    # was built with PROFILE_SHARING_0806 (off by default there; always on from 10.0).
+    p86 = plan_build(TRT_8_6, ORIN_NANO, (1, 32), WEAK_FP16_FLAG)
+    assert p86.preview_features == ("PROFILE_SHARING_0806",)
+    assert p86.key["preview_features"] == ["PROFILE_SHARING_0806"]
+    for facts, mode in ((TRT_10_3, WEAK_FP16_FLAG), (TRT_10_3, STRONGLY_TYPED), (TRT_11, STRONGLY_TYPED)):
+        assert plan_build(facts, ORIN_NANO, (1,), mode).preview_features == ()
+
+
+def test_weak_fp16_flag_allows_tf32_like_trtexec_fp16_trt10_3():
+    # trtexec enables TF32 unless --noTF32; Polygraphy's CreateConfig clears it unless tf32=True.
+    weak = plan_build(TRT_10_3, ORIN_NANO, (1,), WEAK_FP16_FLAG)
+    assert weak.tf32 and weak.fp16_flag and weak.key["tf32"] is True
+    strong = plan_build(TRT_10_3, ORIN_NANO, (1,), STRONGLY_TYPED)
+    assert not strong.tf32 and strong.key["tf32"] is False
+
+
 def test_engine_staleness_names_what_changed(tmp_path):
     onnx_path, plan, sidecar = tmp_path / "fused.fp16.onnx", tmp_path / "fused.plan", tmp_path / "fused.plan.json"
     onnx_path.write_bytes(b"graph")
@@ -103,7 +123,8 @@ def test_engine_staleness_names_what_changed(tmp_path):
 def test_facts_are_read_off_the_module():
     # Stand-in module objects carrying only the attributes trt_facts reads (not TensorRT).
     ten = types.SimpleNamespace(__version__="10.3.0", BuilderFlag=types.SimpleNamespace(FP16=1),
-                                NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=1))
+                                NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=1),
+                                PreviewFeature=types.SimpleNamespace(PROFILE_SHARING_0806=1))
     eleven = types.SimpleNamespace(__version__="11.0.0", BuilderFlag=types.SimpleNamespace(DEBUG=2),
                                    NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=1))
     assert trt_facts(ten, "0.53.6") == TRT_10_3

@@ -12,7 +12,14 @@ without DETAILED verbosity, each layer is only its name (a string).
 Original and fused come from graphs proven identical except for initializer values, so every field of
 every layer must match: same layers in the same order, same types, same tensor formats and precisions,
 same tactics. Names are compared after masking the ONNX exporter's numeric suffixes (`onnx::Conv_123`),
-which number tensors in export order rather than name them; everything else is compared as is."""
+which number tensors in export order rather than name them. Two things are compared by structure only:
+"Literals" (with DETAILED verbosity a PointWise layer may list the constants it inlined; they are values,
+like weights, and original and fused may differ there legitimately) -- how many and how nested, not what.
+
+An engine with several optimisation profiles has one layer graph per profile in the inspector's JSON,
+whatever execution context is set: profile 0's layers and bindings plain, those of profile N > 0 tagged
+"[profile N]" in their names (trt-engine-explorer, `trex/parser.py`, `filter_profiles`).
+`profile_layers` keeps one profile's graph."""
 
 from __future__ import annotations
 
@@ -26,6 +33,9 @@ from typing import Any
 from ..errors import EdgetoolError
 
 _EXPORTER_COUNTER = re.compile(r"(onnx::[A-Za-z_]+?)_\d+")
+_PROFILE_TAG = re.compile(r"\s*\[profile +(\d+)\]")
+# Keys whose contents are values, not structure: compared by shape only (see the module docstring).
+VALUE_KEYS = ("Literals",)
 
 
 def parse_engine_information(text: str, what: str = "engine") -> dict[str, Any]:
@@ -38,6 +48,35 @@ def parse_engine_information(text: str, what: str = "engine") -> dict[str, Any]:
     return info
 
 
+def _profile_of(name: Any) -> int:
+    m = _PROFILE_TAG.search(str(name))
+    return int(m.group(1)) if m else 0
+
+
+def _untagged(value: Any) -> Any:
+    if isinstance(value, str):
+        return _PROFILE_TAG.sub("", value)
+    if isinstance(value, list):
+        return [_untagged(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _untagged(v) for k, v in value.items()}
+    return value
+
+
+def profile_layers(info: dict[str, Any], profile: int) -> dict[str, Any]:
+    """The inspector JSON of one optimisation profile: its layers and bindings only, their "[profile N]"
+    tags removed (so every profile's graph reads alike), other top-level keys kept."""
+    def keep(name: Any) -> bool:
+        return _profile_of(name) == profile
+
+    layers = [layer for layer in info.get("Layers", [])
+              if keep(layer.get("Name", "") if isinstance(layer, dict) else layer)]
+    out = {**info, "Layers": _untagged(layers)}
+    if isinstance(info.get("Bindings"), list):
+        out["Bindings"] = _untagged([b for b in info["Bindings"] if keep(b)])
+    return out
+
+
 def normalise_name(text: str) -> str:
     return _EXPORTER_COUNTER.sub(r"\1_#", text)
 
@@ -48,8 +87,17 @@ def _normalised(value: Any) -> Any:
     if isinstance(value, list):
         return [_normalised(v) for v in value]
     if isinstance(value, dict):
-        return {k: _normalised(v) for k, v in value.items()}
+        return {k: (_structure(v) if k in VALUE_KEYS else _normalised(v)) for k, v in value.items()}
     return value
+
+
+def _structure(value: Any) -> Any:
+    """`value` with every leaf replaced by its type: its shape without its contents."""
+    if isinstance(value, list):
+        return [_structure(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _structure(v) for k, v in value.items()}
+    return f"<{type(value).__name__}>"
 
 
 def _diff(a: Any, b: Any, path: str, out: list[str]) -> None:

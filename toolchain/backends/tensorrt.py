@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,7 +23,7 @@ from ..errors import EdgetoolError
 from .base import (Availability, Backend, PolygraphyRunner, Runner, cause_of_failure, first_line, polygraphy_errors,
                    register_backend)
 from .cuda import CudaDevice, CudaGraph, EventTimer, cuda_device, host_bound
-from .engine_inspect import parse_engine_information
+from .engine_inspect import parse_engine_information, profile_layers
 from .jetson import jetson_state, l4t_release
 from .timing import timed_loop
 from .trtexec import find_trtexec, run_trtexec, trtexec_command
@@ -40,19 +42,37 @@ TENSORRT_MISSING = (
 __all__ = ["TENSORRT_MISSING", "TensorRTBackend", "TensorRTRunner", "engine_staleness", "import_tensorrt"]
 
 
+_MISSING_LIBRARY = re.compile(r"(lib[\w+-]+\.so[\w.]*)")
+
+
 def import_tensorrt():
     """The tensorrt module, or an EdgetoolError saying how to install it (one line)."""
+    if importlib.util.find_spec("tensorrt") is None:  # the Python module itself is absent
+        raise EdgetoolError(TENSORRT_MISSING)
     try:
         return importlib.import_module("tensorrt")
-    except ImportError as exc:
-        if exc.name == "tensorrt":  # the module itself is absent
-            raise EdgetoolError(TENSORRT_MISSING) from None
-        broken = exc
-    except OSError as exc:  # e.g. libnvinfer.so missing or of another version
-        broken = exc
-    raise EdgetoolError(f"TensorRT is installed but `import tensorrt` fails ({first_line(broken)}): on a Jetson "
-                        "reinstall JetPack's python3-libnvinfer; elsewhere reinstall the tensorrt wheel matching your "
-                        "CUDA; or run `--engine onnxruntime`")
+    except (ImportError, OSError) as exc:
+        # The bindings are there but will not load: their extension module is itself named `tensorrt`, so
+        # a missing libnvinfer.so.N surfaces as ImportError(name='tensorrt'), like an absent module.
+        raise EdgetoolError(broken_tensorrt_message(exc)) from None
+
+
+def broken_tensorrt_message(exc: BaseException) -> str:
+    """One line for a TensorRT whose Python bindings are installed but do not load: the shared library
+    that is missing or of another version (libnvinfer.so.10, ...) when the loader names one."""
+    text = first_line(exc)
+    lib = _MISSING_LIBRARY.search(text)
+    if lib and "cannot open shared object file" in text:
+        cause = (f"the TensorRT Python bindings are installed but the library {lib.group(1)} they link against is "
+                 "not found (TensorRT's native libraries are missing or of another major version)")
+    elif lib:
+        cause = (f"the TensorRT Python bindings are installed but do not fit {lib.group(1)} ({text}): the bindings and "
+                 "TensorRT's native libraries are of different versions")
+    else:
+        cause = f"TensorRT is installed but `import tensorrt` fails ({text})"
+    return (f"{cause}: on a Jetson reinstall JetPack's TensorRT (`sudo apt install --reinstall tensorrt "
+            "python3-libnvinfer`); elsewhere install the tensorrt wheel matching your CUDA together with its "
+            "libraries (`pip install tensorrt-cu12`); or run `--engine onnxruntime`")
 
 
 @contextlib.contextmanager
@@ -293,7 +313,8 @@ class TensorRTBackend(Backend):
         return self.engines(ed, batch_sizes, echo)[graph]
 
     def _build(self, ed: EngineDir, onnx_path: Path, plan: BuildPlan, cache: Path) -> bytes:
-        from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+        from polygraphy.backend.trt import (CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, PostprocessConfig,
+                                            Profile)
 
         shape = tuple(ed.input_shape)
         # Polygraphy reads and extends the cache in place (with a .lock file beside it): let it work on a copy
@@ -306,8 +327,13 @@ class TensorRTBackend(Backend):
                 profiles = [Profile().add(ed.input_name, min=(b, *shape), opt=(b, *shape), max=(b, *shape))
                             for b in plan.profile_batches]
                 network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=plan.strongly_typed)
-                config = CreateConfig(fp16=plan.fp16_flag, profiles=profiles, load_timing_cache=str(work),
-                                      profiling_verbosity=self._trt.ProfilingVerbosity.DETAILED)
+                config = CreateConfig(fp16=plan.fp16_flag, tf32=plan.tf32, profiles=profiles,
+                                      load_timing_cache=str(work), profiling_verbosity=self._trt.ProfilingVerbosity.DETAILED)
+                if plan.preview_features:
+                    # Switched on one by one: CreateConfig(preview_features=...) would switch every other off.
+                    features = [getattr(self._trt.PreviewFeature, f) for f in plan.preview_features]
+                    config = PostprocessConfig(config, lambda builder, network, cfg: [
+                        cfg.set_preview_feature(f, True) for f in features])
                 engine = bytes(EngineBytesFromNetwork(network, config=config, save_timing_cache=str(work))())
             if work.is_file():
                 atomic_write_bytes(cache, work.read_bytes())
@@ -339,8 +365,9 @@ class TensorRTBackend(Backend):
                     stream.synchronize()
                     context.set_input_shape(ed.input_name, (b, *ed.input_shape))
                     inspector.execution_context = context
-                    out[g][b] = parse_engine_information(
-                        inspector.get_engine_information(trt.LayerInformationFormat.JSON), path.name)
+                    # The JSON holds every profile's graph, whatever the context: keep this batch's.
+                    out[g][b] = profile_layers(parse_engine_information(
+                        inspector.get_engine_information(trt.LayerInformationFormat.JSON), path.name), i)
                 del inspector, context, engine  # in this order: the inspector refers to the context
         return out
 

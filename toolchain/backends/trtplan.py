@@ -10,7 +10,13 @@ alternative, `weak-fp16-flag`, builds the FP32 graph with the FP16 builder flag:
 `trtexec --fp16` deployment, and the only FP16 path on TensorRT 8.6 (JetPack 6.0), which has no strongly
 typed networks. TensorRT then picks each layer's precision itself, so that engine runs a graph nobody
 checked on the CPU; verify still checks its accuracy against PyTorch, and the engine-identity check
-shows whether original and fused got the same precisions. TensorRT 11 removed the FP16 flag."""
+shows whether original and fused got the same precisions. TensorRT 11 removed the FP16 flag. Like
+`trtexec --fp16`, that build also allows TF32 for its FP32 layers (trtexec enables TF32 unless --noTF32;
+Polygraphy's CreateConfig clears it unless asked).
+
+On TensorRT 8.6 the engines are built with PreviewFeature.PROFILE_SHARING_0806 (off by default there;
+deprecated and always on from TensorRT 10): the timing context shares its profile with the runner's
+own, which 8.6 otherwise refuses ("Profile 0 has been chosen by another IExecutionContext")."""
 
 from __future__ import annotations
 
@@ -25,6 +31,9 @@ from ..errors import EdgetoolError
 STRONGLY_TYPED = "strongly-typed"
 WEAK_FP16_FLAG = "weak-fp16-flag"
 BUILD_MODES = (STRONGLY_TYPED, WEAK_FP16_FLAG)
+
+# The 8.6 preview feature that lets two execution contexts use one optimisation profile.
+PROFILE_SHARING = "PROFILE_SHARING_0806"
 
 # Polygraphy releases below this crash in CreateConfig on TensorRT 11 (it sets flags TensorRT 11 removed).
 POLYGRAPHY_MIN_FOR_TRT11 = (0, 50)
@@ -47,12 +56,14 @@ def version_tuple(version: str) -> tuple[int, ...]:
 class TrtFacts:
     """What the installed TensorRT offers, read off the module (never guessed from the version number
     alone): its version, whether `BuilderFlag.FP16` and `NetworkDefinitionCreationFlag.STRONGLY_TYPED`
-    exist, and the Polygraphy version driving it."""
+    exist, the Polygraphy version driving it, and whether `PreviewFeature.PROFILE_SHARING_0806` exists
+    (8.6 to 10.x; it must be switched on in 8.6 only)."""
 
     version: str
     has_fp16_flag: bool
     has_strongly_typed: bool
     polygraphy: str
+    has_profile_sharing_preview: bool = False
 
     @property
     def major(self) -> int:
@@ -62,7 +73,8 @@ class TrtFacts:
 
 def trt_facts(trt, polygraphy_version: str) -> TrtFacts:
     return TrtFacts(str(trt.__version__), hasattr(trt.BuilderFlag, "FP16"),
-                    hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"), str(polygraphy_version))
+                    hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"), str(polygraphy_version),
+                    hasattr(getattr(trt, "PreviewFeature", None), PROFILE_SHARING))
 
 
 @dataclass(frozen=True)
@@ -84,6 +96,8 @@ class BuildPlan:
     fp16_flag: bool
     profile_batches: tuple[int, ...]  # profile i has min = opt = max = profile_batches[i]
     key: dict[str, Any] = field(hash=False)
+    tf32: bool = False  # BuilderFlag.TF32 (FP32 layers may run in TF32), as trtexec --fp16 builds
+    preview_features: tuple[str, ...] = ()  # PreviewFeature members switched on (the others keep their defaults)
 
     def profile_for(self, batch: int) -> tuple[int, int]:
         """(profile index, its batch) for an input of `batch` rows: the timed batch sizes run on their own
@@ -113,15 +127,16 @@ def plan_build(facts: TrtFacts, device: DeviceFacts, batch_sizes, mode: str = ST
                                 "it cannot build the checked FP16 graph as it is: upgrade to JetPack 6.1+ (TensorRT "
                                 "10.3), or pass `--trt-build weak-fp16-flag` to build the FP32 graph with the FP16 "
                                 "builder flag")
-        onnx_precision, strongly_typed, fp16_flag = "fp16", True, False
+        onnx_precision, strongly_typed, fp16_flag, tf32 = "fp16", True, False, False
     elif mode == WEAK_FP16_FLAG:
         if not facts.has_fp16_flag:
             raise EdgetoolError(f"`--trt-build {WEAK_FP16_FLAG}` needs TensorRT's FP16 builder flag, which TensorRT "
                                 f"{facts.version} does not have (TensorRT 11 removed it); use the default "
                                 f"`--trt-build {STRONGLY_TYPED}`")
-        onnx_precision, strongly_typed, fp16_flag = "fp32", False, True
+        onnx_precision, strongly_typed, fp16_flag, tf32 = "fp32", False, True, True
     else:
         raise EdgetoolError(f"unknown TensorRT build mode '{mode}' (choose from {', '.join(BUILD_MODES)})")
+    preview = (PROFILE_SHARING,) if facts.has_profile_sharing_preview and facts.major < 10 else ()
     key = {
         "tensorrt": facts.version,
         "polygraphy": facts.polygraphy,
@@ -132,10 +147,12 @@ def plan_build(facts: TrtFacts, device: DeviceFacts, batch_sizes, mode: str = ST
         "build_mode": mode,
         "strongly_typed": strongly_typed,
         "fp16_flag": fp16_flag,
+        "tf32": tf32,
+        "preview_features": list(preview),
         "profiles": [{"min": b, "opt": b, "max": b} for b in batches],
         "profiling_verbosity": "detailed",
     }
-    return BuildPlan(mode, onnx_precision, strongly_typed, fp16_flag, batches, key)
+    return BuildPlan(mode, onnx_precision, strongly_typed, fp16_flag, batches, key, tf32, preview)
 
 
 def engine_staleness(plan: Path, sidecar: Path, onnx_path: Path, key: dict[str, Any]) -> str | None:
