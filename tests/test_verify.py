@@ -140,7 +140,9 @@ def test_swapped_original_onnx_of_another_structure_fails_the_structure_check(en
     assert "\n" not in err and "structure.fp32.graph_identical" in err and "integrity.original.onnx" in err
     r = json.loads((eng / "verify_report.json").read_text())
     assert "structure.fp32.graph_identical" in r["failed_checks"]
-    assert "structure.fp32.runtime_graph_identical" in r["failed_checks"]  # ONNX Runtime's optimised graphs differ too
+    # A renamed node is a name, not a computation: the runtime graph comparison, which ignores names (ONNX
+    # Runtime makes up its own), finds the same graph; the file comparison above is the strict one.
+    assert "structure.fp32.runtime_graph_identical" not in r["failed_checks"]
     # The fp16 pair is untouched and a renamed node computes the same thing (latency is not asserted: 3 runs).
     assert not any(c.startswith(("structure.fp16", "accuracy.")) for c in r["failed_checks"])
 
