@@ -105,8 +105,8 @@ def test_report_has_the_promised_fields_and_consistent_latency(auto_run):
     assert [c["name"] for c in r["checks"]] == [
         "integrity.original.onnx", "integrity.fused.onnx", "integrity.original.fp16.onnx", "integrity.fused.fp16.onnx",
         "accuracy.fp32.argmax_agreement", "accuracy.fp32.f1_delta", "accuracy.fp32.output_error",
-        "accuracy.fp16.argmax_agreement", "accuracy.fp16.f1_delta", "accuracy.fp16.output_error",
-        "structure.fp32.graph_identical", "structure.fp16.graph_identical", "structure.fp32.runtime_graph_identical",
+        "accuracy.fp32.original_engine", "accuracy.fp16.argmax_agreement", "accuracy.fp16.f1_delta",
+        "accuracy.fp16.output_error", "accuracy.fp16.original_engine", "structure.fp32.graph_identical", "structure.fp16.graph_identical", "structure.fp32.runtime_graph_identical",
         "structure.fp16.runtime_graph_identical", "latency.batch_1", "latency.batch_8"]
     assert "as onnxruntime will run them" in next(c["message"] for c in r["checks"]
                                                   if c["name"] == "structure.fp32.runtime_graph_identical")
