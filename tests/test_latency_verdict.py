@@ -195,10 +195,10 @@ def _stand_in_timings(slowdown: float, rounds: int = 60):
     """Replaces verify's timed rounds: quiet synthetic seconds, fused `slowdown` x the original.
     A stand-in for the runners' clocks (they still load and warm up nothing), to test the wiring."""
 
-    def fake(runners, x, cfg):
+    def fake(open_runners, x, cfg):
         rng = np.random.default_rng(len(x))
         t = T0 * len(x) * np.exp(0.01 * rng.standard_normal((rounds, 3)))
-        return {"original": t[:, 0], "fused": t[:, 1] * slowdown, "control": t[:, 2]}
+        return {"original": t[:, 0], "fused": t[:, 1] * slowdown, "control": t[:, 2]}, np.arange(rounds) % 10
 
     return fake
 

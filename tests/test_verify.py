@@ -64,9 +64,9 @@ def test_auto_falls_back_to_onnxruntime_says_why_and_passes(auto_run):
     assert report["engine"] == "onnxruntime"
     assert_parity_passed(res, report)
     assert ("PASSED" in res.stdout) == report["passed"]
-    # 5 timed rounds cannot bound a 99 % interval: latency is inconclusive, which is not a failure
+    # 5 timed rounds (in 5 sessions) cannot bound a 99 % interval: latency is inconclusive, not a failure
     assert report["inconclusive_checks"] == ["latency.batch_1", "latency.batch_8"]
-    assert "PASSED (latency inconclusive at batch 1, 8: 5 rounds are too few" in res.stdout
+    assert "PASSED (latency inconclusive at batch 1, 8: 5 sessions are too few" in res.stdout
 
 
 def test_report_has_the_promised_fields_and_consistent_latency(auto_run):
@@ -93,7 +93,8 @@ def test_report_has_the_promised_fields_and_consistent_latency(auto_run):
         # the median of the per-round fused/original ratios (rounds are kept in the report, in ms)
         assert r["latency_ratio"][bs] == pytest.approx(np.median(rounds["fused"] / rounds["original"]), rel=1e-3)
         v = r["latency_verdict"][bs]
-        assert v["verdict"] == "inconclusive" and v["rounds"] == 5 and "cannot bound a 99 % interval" in v["reason"]
+        assert v["verdict"] == "inconclusive" and v["rounds"] == 5 and v["sessions"] == 5
+        assert "cannot bound a 99 % interval" in v["reason"] and r["latency_round_sessions"][bs] == [0, 1, 2, 3, 4]
         assert r["unfused_latency_ratio"]["torch"][bs] > 0
     assert r["latency_band"] == {"requested": 0.05, "max": 0.5, "confidence": 0.99, "noise_factor": 2.0}
     u = r["unfused_onnx"]
