@@ -12,7 +12,7 @@ import torch
 from toolchain.backends.base import Runner
 from toolchain.backends.cuda import host_bound
 from toolchain.backends.pytorch import TorchRunner
-from toolchain.backends.timing import interleaved_rounds, timed_loop
+from toolchain.backends.timing import interleaved_rounds, session_rounds, timed_loop
 
 GPU = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU and a CUDA build of torch (torch.cuda.is_available() "
@@ -84,6 +84,31 @@ def test_interleaved_rounds_warm_up_then_rotate_and_reach_count_and_time():
     runners = {n: _FakeRunner(n, log, clock, 0.01) for n in "AB"}
     times = interleaved_rounds(runners, np.zeros((1, 1)), 0, rounds=2, min_seconds=1.0, clock=clock)
     assert len(times["A"]) == 50  # 20 ms a round: 1 s of rounds, not 2
+
+
+def test_session_rounds_time_each_block_on_fresh_runners_created_in_rotating_order():
+    import contextlib
+
+    clock, log, opened, closed = FakeClock(), [], [], []
+
+    @contextlib.contextmanager
+    def open_runners(order):
+        runners = {n: _FakeRunner(n, log, clock, {"A": 0.001, "B": 0.002, "C": 0.003}[n]) for n in order}
+        opened.append((list(order), [id(r) for r in runners.values()]))
+        yield runners
+        closed.append(list(order))
+
+    times, session = session_rounds(open_runners, list("ABC"), np.zeros((1, 1)), sessions=4, warmup_rounds=8,
+                                    rounds=10, clock=clock)
+    assert [o for o, _ in opened] == [list("ABC"), list("BCA"), list("CAB"), list("ABC")] == closed
+    assert len({i for _, ids in opened for i in ids}) == 12  # three new runners per block
+    assert session.tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3  # ceil(10 / 4) rounds per block
+    assert times["B"].tolist() == [0.002] * 12
+    # each block: 2 warm-up rounds (8 / 4), then its rounds, the first of them led by the block's first runner
+    assert [n for n, _ in log[:9]] == list("ABC") * 2 + list("ABC") and [n for n, _ in log[15:18]] == list("BCA")
+    times, session = session_rounds(open_runners, list("ABC"), np.zeros((1, 1)), sessions=8, warmup_rounds=0,
+                                    rounds=5, clock=clock)
+    assert session.tolist() == [0, 1, 2, 3, 4]  # fewer rounds than sessions: one round per block
 
 
 def test_host_clock_default_of_time_batch():

@@ -88,6 +88,9 @@ def test_fusion_is_equivalent_for_every_conv_kind(cfg, kind):
     assert report.argmax_agreement == 1.0
     assert {l.name for l in report.layers} == {"conv", "bn", "head"}
     assert report.max_abs_error <= fc.atol
+    # Not vacuous for methods whose update lives in the base's own parameters (full, head, bn, bias,
+    # galore: the fused model is then a copy of the adapted one): a merge that dropped the update fails here.
+    assert not check_equivalence(reference, fused, X, fc.atol, fc.rtol).passed
 
     # The check is not vacuous: where an adapter wraps the conv, the update is real (the unfused base
     # differs from the adapted model beyond tolerance) and the fused kernel is exactly W + dW cast from float64.
@@ -127,6 +130,11 @@ def test_fusion_is_equivalent_on_every_backbone(cfg, backbone):
     assert report.passed, report.failure()
     if cfg.name not in ("full", "head", "bn", "bias", "galore"):  # an injected update must change the output
         assert not check_equivalence(adapted, method.unload(adapted), X, fc.atol, fc.rtol).passed
+    # For full, head, bn, bias and galore the update lives in the base's own parameters, so the fused model
+    # is a copy of the adapted one and the equivalence above compares a model with itself. What such a
+    # merge can still get wrong is dropping the update (returning the base): the fused model must differ
+    # from the original wherever the update reached the output.
+    assert not check_equivalence(original, fused, X, fc.atol, fc.rtol).passed
 
 
 def test_required_methods_are_registered():

@@ -149,6 +149,121 @@ def test_verdict_wants_one_entry_per_round():
         latency_verdict(np.ones(10), np.ones(9), np.ones(10), BAND, BAND_MAX, CONF)
 
 
+# ------------------------------------------------------------------------------------ sessions
+
+
+def _session_timings(sessions: int, rounds_per: int, seed: int, slowdown: float = 1.0):
+    """A busy neighbour: each runner's session lands badly with probability 1/3 and is then 1.15-1.35x
+    slower for its whole life (the effect the issue measured), on top of 2 % round-to-round noise."""
+    rng = np.random.default_rng([seed, sessions, rounds_per])
+    s = np.repeat(np.arange(sessions), rounds_per)
+    effect = np.where(rng.random((sessions, 3)) < 1 / 3, rng.uniform(1.15, 1.35, (sessions, 3)), 1.0)
+    t = T0 * effect[s] * np.exp(0.02 * rng.standard_normal((len(s), 3)))
+    return t[:, 0], t[:, 1] * slowdown, t[:, 2], s
+
+
+@pytest.mark.parametrize("sessions", [8, 10, 16])
+@pytest.mark.parametrize("rounds_per", [1, 3, 25])
+def test_identical_graphs_never_fail_when_sessions_differ(sessions, rounds_per):
+    for seed in range(100):
+        a, b, c, s = _session_timings(sessions, rounds_per, seed)
+        v = latency_verdict(a, b, c, BAND, BAND_MAX, CONF, s)
+        assert v.verdict != FAIL, v.reason
+        assert v.sessions == sessions and v.rounds == sessions * rounds_per
+
+
+def test_a_graph_20_percent_slower_fails_across_fresh_sessions_on_a_quiet_machine():
+    rng = np.random.default_rng(0)
+    for rounds_per in (3, 25):
+        s = np.repeat(np.arange(8), rounds_per)
+        t = T0 * np.exp(0.01 * rng.standard_normal((len(s), 3)))
+        v = latency_verdict(t[:, 0], 1.2 * t[:, 1], t[:, 2], BAND, BAND_MAX, CONF, s)
+        assert v.verdict == FAIL and v.sessions == 8, v.reason
+
+
+def test_one_slow_session_is_not_a_slow_graph():
+    """The issue's FAIL: one session per graph, the fused one 1.325x slower all run long, the control not.
+    Rounds of one session are not independent evidence about the graph: one session cannot fail (or pass)."""
+    rng = np.random.default_rng(1)
+    t = T0 * np.exp(0.01 * rng.standard_normal((200, 3)))
+    a, b, c = t[:, 0], 1.325 * t[:, 1], t[:, 2]
+    assert latency_verdict(a, b, c, BAND, BAND_MAX, CONF).verdict == FAIL  # each round its own unit: fooled
+    v = latency_verdict(a, b, c, BAND, BAND_MAX, CONF, np.zeros(200, int))
+    assert v.verdict == INCONCLUSIVE and v.sessions == 1 and "1 sessions are too few" in v.short
+
+
+def test_the_interval_is_taken_over_sessions_not_rounds():
+    """Identical graphs, 8 sessions of 25 rounds: the fused session landed badly (1.3x) in 5 of them.
+    Pooled, the 200 rounds' interval sits above 1.3; over sessions its lower end is the good sessions' 1.0."""
+    rng = np.random.default_rng(2)
+    s = np.repeat(np.arange(8), 25)
+    t = T0 * np.exp(0.01 * rng.standard_normal((200, 3)))
+    b = t[:, 1] * np.where(s < 5, 1.3, 1.0)
+    assert latency_verdict(t[:, 0], b, t[:, 2], BAND, BAND_MAX, CONF).verdict == FAIL  # pooled: fooled
+    v = latency_verdict(t[:, 0], b, t[:, 2], BAND, BAND_MAX, CONF, s)
+    assert v.verdict == INCONCLUSIVE and v.ci[0] < 1.05 < 1.25 < v.ci[1], v.reason
+
+
+# ------------------------------------------------------------------------------------ each rule, pinned
+
+
+def _per_session(fused: list[float], control: list[float], rounds_per: int = 3, band_max: float = BAND_MAX):
+    """The verdict for sessions whose median fused/original and control/original ratios are exactly these."""
+    s = np.repeat(np.arange(len(fused)), rounds_per)
+    a = np.full(len(s), T0)
+    return latency_verdict(a, a * np.repeat(fused, rounds_per), a * np.repeat(control, rounds_per), BAND, band_max,
+                           CONF, s)
+
+
+QUIET = [1.0] * 8
+
+
+def test_rule_fail_needs_the_intervals_lower_end_above_the_threshold_not_the_median():
+    v = _per_session([1.02] + [1.3] * 7, QUIET)  # median 1.3, lower end 1.02
+    assert v.ratio == pytest.approx(1.3) and v.verdict == INCONCLUSIVE and "neither" in v.short
+    assert _per_session([1.06] + [1.3] * 7, QUIET).verdict == FAIL  # lower end 1.06 > 1.05
+
+
+def test_rule_pass_needs_the_intervals_upper_end_within_the_band():
+    v = _per_session([1.0] * 7 + [1.08], QUIET)  # median 1.0, upper end 1.08
+    assert v.verdict == INCONCLUSIVE and "neither" in v.short
+    assert _per_session([1.0] * 7 + [1.04], QUIET).verdict == PASS
+
+
+def test_rule_pass_needs_a_control_that_resolves_the_band():
+    v = _per_session([1.0] * 8, [1.0] * 7 + [1.07])  # the fused interval is perfect; the control is not
+    assert v.verdict == INCONCLUSIVE and "too noisy" in v.reason and v.resolution == pytest.approx(0.07)
+    v = _per_session([1.0] * 8, [1.0] * 7 + [1 / 1.07])  # noisy on the fast side counts the same
+    assert v.verdict == INCONCLUSIVE
+    assert _per_session([1.0] * 8, [1.0] * 7 + [1.04]).verdict == PASS
+
+
+def test_rule_fail_threshold_is_twice_the_controls_deviation():
+    """Control deviation 10 %: the fail threshold is 1.1^2 - 1 = 21 %, not 10 % (factor 1) nor 33 % (factor 3)."""
+    control = [1.0] * 7 + [1.1]
+    v = _per_session([1.17] * 8, control)  # beyond 1 x the deviation, within 2 x
+    assert v.verdict == INCONCLUSIVE and v.widened and v.fail_threshold == pytest.approx(1.1 ** 2 - 1)
+    v = _per_session([1.25] * 8, control)  # beyond 2 x the deviation, within 3 x
+    assert v.verdict == FAIL and "band widened" in v.reason
+
+
+def test_rule_no_fail_when_the_widened_threshold_exceeds_band_max():
+    control = [1.0] * 7 + [1.3]  # threshold 1.3^2 - 1 = 69 % > band_max 50 %
+    v = _per_session([2.0] * 8, control)
+    assert v.fail_threshold > BAND_MAX and v.verdict == INCONCLUSIVE and "latency_band_max" in v.reason
+    assert _per_session([2.0] * 8, control, band_max=0.9).verdict == FAIL
+
+
+def test_rule_faster_is_never_a_failure():
+    v = _per_session([0.6] * 8, QUIET)
+    assert v.verdict == PASS and "timed faster" in v.reason
+
+
+def test_rule_at_least_eight_sessions():
+    assert _per_session([3.0] * 7, [1.0] * 7).verdict == INCONCLUSIVE
+    assert _per_session([3.0] * 8, [1.0] * 8).verdict == FAIL
+
+
 # ------------------------------------------------------------------------------------ the interval
 
 
@@ -195,10 +310,10 @@ def _stand_in_timings(slowdown: float, rounds: int = 60):
     """Replaces verify's timed rounds: quiet synthetic seconds, fused `slowdown` x the original.
     A stand-in for the runners' clocks (they still load and warm up nothing), to test the wiring."""
 
-    def fake(runners, x, cfg):
+    def fake(open_runners, x, cfg):
         rng = np.random.default_rng(len(x))
         t = T0 * len(x) * np.exp(0.01 * rng.standard_normal((rounds, 3)))
-        return {"original": t[:, 0], "fused": t[:, 1] * slowdown, "control": t[:, 2]}
+        return {"original": t[:, 0], "fused": t[:, 1] * slowdown, "control": t[:, 2]}, np.arange(rounds) % 10
 
     return fake
 

@@ -137,6 +137,10 @@ class VerifyConfig(_Strict):
     warmup: int = Field(20, ge=0)
     iterations: int = Field(200, gt=0, description="timed rounds per batch size (original, fused and control "
                             "interleaved); fewer than 8 cannot bound a 99 % interval, so latency is inconclusive")
+    sessions: int = Field(8, ge=1, description="the timed rounds are split over this many fresh sets of runtime "
+                          "sessions (original, fused, control), and the latency interval is taken over them: a "
+                          "session's own slowness then cannot pass for the graph's; fewer than 8 cannot bound a "
+                          "99 % interval")
     warmup_seconds: float = Field(0.2, ge=0, description="each engine also warms up at least this long per batch "
                                   "size (interleaved), as trtexec's --warmUp 200 ms")
     min_seconds: float = Field(1.0, ge=0, description="timed rounds go on past `iterations` until this much wall "

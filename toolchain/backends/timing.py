@@ -6,7 +6,7 @@ runners round by round so drift hits them alike. The clock is the runner's: the 
 from __future__ import annotations
 
 import time
-from typing import Callable, Protocol
+from typing import Callable, ContextManager, Protocol
 
 import numpy as np
 
@@ -71,3 +71,34 @@ def interleaved_rounds(runners: dict[str, TimedRunner], x: np.ndarray, warmup_ro
             times[n].append(one(n))
         i += 1
     return {n: np.asarray(v) for n, v in times.items()}
+
+
+def session_rounds(open_runners: Callable[[list[str]], ContextManager[dict[str, TimedRunner]]], names: list[str],
+                   x: np.ndarray, sessions: int, warmup_rounds: int, rounds: int, warmup_s: float = 0.0,
+                   min_seconds: float = 0.0, clock: Callable[[], float] = time.perf_counter
+                   ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """`interleaved_rounds` split over min(`sessions`, `rounds`) blocks, each on fresh runners:
+    `open_runners(order)` creates and activates one runner per name, in that order, and closes them when
+    the block ends. Returns the per-round seconds of each runner and, per round, the index of its block.
+
+    Why: a runtime session carries effects of its own that last as long as it does (where its thread
+    pool's threads land next to other processes, its memory placement), as large as 1.3x on a loaded
+    machine. Timed in one session per graph, such an effect is indistinguishable from a slower graph
+    however many rounds are run; across fresh sessions it becomes a sampled variation the verdict's
+    interval, taken over blocks, accounts for. Creation order and the first runner of a round rotate
+    from block to block, so neither favours one graph. Warm-up rounds, warm-up time and the minimum
+    duration are shared out over the blocks; the rounds are ceil(rounds / blocks) per block."""
+    blocks = max(1, min(int(sessions), int(rounds)))
+    per_block, warm = -(-rounds // blocks), -(-warmup_rounds // blocks)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    block_of_round: list[int] = []
+    for j in range(blocks):
+        k = j % len(names)
+        order = names[k:] + names[:k]
+        with open_runners(order) as runners:
+            t = interleaved_rounds({n: runners[n] for n in order}, x, warm, per_block, warmup_s / blocks,
+                                   min_seconds / blocks, clock)
+        for n in names:
+            times[n].extend(t[n].tolist())
+        block_of_round += [j] * len(t[names[0]])
+    return {n: np.asarray(v) for n, v in times.items()}, np.asarray(block_of_round, dtype=int)

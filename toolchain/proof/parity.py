@@ -7,9 +7,10 @@ output's magnitude and passes when it is within `error_margin` x the original en
 a small scaled floor. One function, `accuracy_parity`, used by verify (FP32, FP16) and fuse-export (FP16).
 
 Latency: per-round paired ratios fused/original and control/original from interleaved rounds (A B A',
-rotating), a distribution-free confidence interval for the median of each, and a verdict with three
-outcomes: pass, fail (only when the machine could resolve the difference) and inconclusive. The verdict
-consumes arrays of per-round seconds, so it does not depend on how a backend times a run."""
+rotating) in several blocks of fresh sessions, each session's median ratio, a distribution-free
+confidence interval over sessions for the median of each, and a verdict with three outcomes: pass, fail
+(only when the machine could resolve the difference) and inconclusive. The verdict consumes arrays of
+per-round seconds and session indices, so it does not depend on how a backend times a run."""
 
 from __future__ import annotations
 
@@ -112,6 +113,7 @@ class AccuracyResult:
     max_f1_delta: float
     output_error_passed: bool
     executed_as: str = ""
+    original_error_limit: float = 0.0  # on original_scaled_error (see original_engine_check)
 
 
 def accuracy_parity(engine_out: np.ndarray, reference_out: np.ndarray, original_engine_out: np.ndarray,
@@ -160,6 +162,31 @@ def accuracy_parity(engine_out: np.ndarray, reference_out: np.ndarray, original_
     return res, checks
 
 
+def original_engine_check(res: AccuracyResult, file_name: str, prefix: str = "accuracy") -> Check:
+    """The original engine judged against the original (base) model as the fused engine is against its own
+    reference: the same agreement and F1 thresholds, and its scaled output error within `error_margin` x the
+    fused engine's + the floor. Without it a wrong `original.onnx` (another graph, integrity waived) would
+    only lose its place as the error baseline, and latency would be timed against a graph nobody checked."""
+    crit_f1 = res.max_f1_delta + 1e-12
+    res.original_error_limit = res.error_margin * res.scaled_error + res.error_floor
+    problems = []
+    if res.original_argmax_agreement < res.min_agreement:
+        problems.append(f"argmax agreement {res.original_argmax_agreement:.4f} < {res.min_agreement:g}")
+    if res.original_f1_delta is not None and res.original_f1_delta > crit_f1:
+        problems.append(f"|macro-F1 delta| {res.original_f1_delta:.4f} > {res.max_f1_delta:g}")
+    if not res.original_scaled_error <= res.original_error_limit:
+        problems.append(f"max |error| {res.original_scaled_error:.2g} of max |logit| > {res.error_margin:g} x the fused "
+                        f"engine's {res.scaled_error:.2g} + {res.error_floor:g}")
+    f1 = "n/a" if res.original_f1_delta is None else f"{res.original_f1_delta:.4f}"
+    figures = (f"argmax agreement {res.original_argmax_agreement:.4f}, |macro-F1 delta| {f1}, max |error| "
+               f"{res.original_scaled_error:.2g} of max |logit| (limit {res.original_error_limit:.2g})")
+    if problems:
+        return Check(f"{prefix}.{res.precision}.original_engine", FAIL,
+                     f"{file_name} does not compute the original model: {'; '.join(problems)}; latency and the error "
+                     f"baseline rest on it (rerun `edgetool fuse-export`)")
+    return Check(f"{prefix}.{res.precision}.original_engine", PASS, f"{file_name} against the original model: {figures}")
+
+
 # ---------------------------------------------------------------------------------------------- latency
 
 
@@ -202,7 +229,7 @@ class LatencyVerdict:
     short: str  # the reason in a few words, for the summary line
     rounds: int
     confidence: float
-    ratio: float  # median of the per-round ratios
+    ratio: float  # median over sessions of each session's median per-round ratio
     ci: tuple[float, float]
     control_ratio: float
     control_ci: tuple[float, float]
@@ -211,37 +238,45 @@ class LatencyVerdict:
     fail_threshold: float  # a fail needs the fused CI wholly above 1 + this
     band_max: float
     widened: bool  # fail_threshold > band (the machine is noisier than the band)
+    sessions: int = 0  # independent sessions the intervals are taken over (each round its own when not given)
 
 
 def latency_verdict(original_s: np.ndarray, fused_s: np.ndarray, control_s: np.ndarray, band: float,
-                    band_max: float, confidence: float) -> LatencyVerdict:
+                    band_max: float, confidence: float, sessions: np.ndarray | None = None) -> LatencyVerdict:
     """pass / fail / inconclusive for one batch size from the per-round seconds of original (A), fused
-    (B) and control (A', a second instance of the original), index i being round i. See docs/verify.md.
+    (B) and control (A', a second instance of the original), index i being round i, and the session
+    (block of fresh runners) each round was timed in. See docs/verify.md.
 
+    The unit is the session: per session the median of its per-round log ratios, and the intervals are
+    taken over those, because an effect of one session lasts all its rounds (without `sessions` each round
+    counts as its own session).
     pass:  the CI of median(B/A) lies below 1 + band, and the control's CI lies within 1 +/- band.
     fail:  the CI of median(B/A) lies above 1 + t, t = max(band, NOISE_FACTOR x the control's deviation),
            and t <= band_max. Faster than the original is never a failure (one-sided).
-    inconclusive: everything else (too few rounds, a control noisier than the band, a CI across 1 + band)."""
+    inconclusive: everything else (too few sessions, a control noisier than the band, a CI across 1 + band)."""
     a, b, c = (np.asarray(t, dtype=np.float64) for t in (original_s, fused_s, control_s))
-    if not (len(a) == len(b) == len(c)):
-        raise ValueError("per-round timings must have one entry per round for each runner")
+    s = np.arange(len(a)) if sessions is None else np.asarray(sessions)
+    if not (len(a) == len(b) == len(c) == len(s)):
+        raise ValueError("per-round timings must have one entry per round for each runner, and one session each")
     ok = (a > 0) & (b > 0) & (c > 0) & np.isfinite(a) & np.isfinite(b) & np.isfinite(c)
-    a, b, c = a[ok], b[ok], c[ok]
-    r_med, r_lo, r_hi = median_ci(np.log(b / a), confidence)
-    c_med, c_lo, c_hi = median_ci(np.log(c / a), confidence)
+    a, b, c, s = a[ok], b[ok], c[ok], s[ok]
+    units = np.unique(s)
+    per_session = lambda r: np.array([np.median(r[s == u]) for u in units])  # noqa: E731
+    r_med, r_lo, r_hi = median_ci(per_session(np.log(b / a)), confidence)
+    c_med, c_lo, c_hi = median_ci(per_session(np.log(c / a)), confidence)
     beta = math.log1p(band)
     rho = max(abs(c_lo), abs(c_hi))  # log units; inf when unbounded
     theta = max(beta, NOISE_FACTOR * rho)
     ex = math.exp
     v = LatencyVerdict(INCONCLUSIVE, "", "", len(a), confidence, ex(r_med), (ex(r_lo), ex(r_hi)), ex(c_med),
-                       (ex(c_lo), ex(c_hi)), math.expm1(rho), band, math.expm1(theta), band_max, theta > beta)
+                       (ex(c_lo), ex(c_hi)), math.expm1(rho), band, math.expm1(theta), band_max, theta > beta, len(units))
     pct = f"{100 * confidence:g} %"
-    fused = f"fused/original {v.ratio:.3f} ({pct} CI {v.ci[0]:.3f}-{v.ci[1]:.3f})"
+    fused = f"fused/original {v.ratio:.3f} ({pct} CI {v.ci[0]:.3f}-{v.ci[1]:.3f} over {len(units)} sessions)"
     control = f"identical graphs (control) {v.control_ratio:.3f} ({v.control_ci[0]:.3f}-{v.control_ci[1]:.3f})"
-    if len(a) < min_rounds(confidence):
-        v.short = f"{len(a)} rounds are too few"
-        v.reason = (f"{len(a)} timed rounds cannot bound a {pct} interval (at least {min_rounds(confidence)} needed); "
-                    "raise --iterations")
+    if len(units) < min_rounds(confidence):
+        v.short = f"{len(units)} sessions are too few"
+        v.reason = (f"{len(a)} timed rounds in {len(units)} sessions cannot bound a {pct} interval (at least "
+                    f"{min_rounds(confidence)} sessions needed); raise --iterations or verify.sessions")
     elif r_lo > theta and v.fail_threshold <= band_max:
         v.verdict = FAIL
         v.short = f"fused slower than 1 + {v.fail_threshold:.3f}"

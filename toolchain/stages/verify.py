@@ -7,6 +7,8 @@ Checks (each one a JUnit testcase; a failure -> exit 1 naming it):
   accuracy.<precision>.argmax_agreement  fused engine vs fused PyTorch on the target test split
   accuracy.<precision>.f1_delta          |macro-F1(engine) - macro-F1(PyTorch)|
   accuracy.<precision>.output_error      scaled error within error_margin x the original engine's + floor
+  accuracy.<precision>.original_engine   the original engine vs the original PyTorch model, by the same rules
+                                         (a wrong original.onnx fails even under --allow-modified)
   structure.<precision>.graph_identical  original and fused graphs still node-for-node identical
   structure.<precision>.runtime_graph_identical  ... and so are the graphs the backend will execute, where it
                                          exposes them (ONNX Runtime's optimised graphs)
@@ -22,6 +24,7 @@ the sha256 of the engine files it verified, so a reader can tell whether it desc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -36,16 +39,16 @@ from ..console import say, say_notes
 from ..backends import select_backend
 from ..backends.base import Backend, Runner
 from ..backends.engine_inspect import compare_engine_layers
-from ..backends.timing import interleaved_rounds
+from ..backends.timing import session_rounds
 from ..enginedir import (FUSE_REPORT, VERIFY_JUNIT, VERIFY_REPORT, EngineDir, changed_since_export, engine_file_hashes,
                          integrity_problems, read_engine_dir)
 from ..errors import EdgetoolError, ParityError
 from ..metrics import predict_logits
-from ..proof.export import compare_graph_structure
+from ..proof.export import compare_graph_structure, compare_runtime_graphs
 from ..proof.fusion import fuse_model
 from ..proof.parity import (FAIL, INCONCLUSIVE, NOISE_FACTOR, PASS, WARNING, AccuracyResult, Check, LatencyVerdict,
                       accuracy_parity, check, criteria, junit_xml, latency_input, latency_stats,
-                      latency_verdict)
+                      latency_verdict, original_engine_check)
 from ..recipe import VerifyConfig
 from ..proof.unfused import unfused_comparison
 from ..rundir import AdaptedRun, evaluation_inputs, load_run
@@ -67,9 +70,12 @@ def structure_checks(ed: EngineDir, backend: Backend) -> list[Check]:
             if None in paths:
                 continue
             graphs = [onnx.load(str(p)) for p in paths]
-            rep = compare_graph_structure(*graphs)
+            # Name-free and order-free: the runtime names the nodes it inserts from a counter and lists
+            # independent nodes in an order that varies between loads of one file (ORT's NCHWc transformer).
+            rep = compare_runtime_graphs(*graphs)
             n = len(graphs[0].graph.node)
-            msg = (f"as {backend.name} will run them ({n} nodes after its optimisations): {same}" if rep.identical
+            msg = (f"as {backend.name} will run them ({n} nodes after its optimisations): same ops, attributes, "
+                   "edges, I/O and weight shapes (the runtime's generated names and node order aside)" if rep.identical
                    else f"{backend.name} optimises original and fused differently: " + "; ".join(rep.differences[:3]))
             checks.append(check(f"structure.{precision}.runtime_graph_identical", rep.identical, msg))
     return checks
@@ -95,19 +101,33 @@ def engine_structure_checks(backend: Backend, ed: EngineDir, batch_sizes: tuple[
     return [c], figures
 
 
-def _timed_rounds(runners: dict[str, Runner], x: np.ndarray, cfg: VerifyConfig) -> dict[str, np.ndarray]:
-    """Per-round seconds of each runner on its own clock (see Runner.time_batch), interleaved."""
-    return interleaved_rounds(runners, x, cfg.warmup, cfg.iterations, cfg.warmup_seconds, cfg.min_seconds)
+# The latency runners and the graph each times: the control is a second, separately timed original.
+LATENCY_RUNNERS = {"original": "original", "fused": "fused", "control": "original"}
 
 
-def _timing_context(backend: Backend, runners: dict[str, Runner], ed: EngineDir, batch_sizes: tuple[int, ...],
-                    echo) -> dict[str, Any]:
+def _timed_rounds(open_runners, x: np.ndarray, cfg: VerifyConfig) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Per-round seconds of each runner on its own clock (see Runner.time_batch), interleaved, in
+    `cfg.sessions` blocks of fresh runners; and each round's block."""
+    return session_rounds(open_runners, list(LATENCY_RUNNERS), x, cfg.sessions, cfg.warmup, cfg.iterations,
+                          cfg.warmup_seconds, cfg.min_seconds)
+
+
+def _timing_context(backend: Backend, clock: str, timing_reports: dict[str, dict[str, Any]], ed: EngineDir,
+                    batch_sizes: tuple[int, ...], echo) -> dict[str, Any]:
     """How the latency figures were taken and on what: each runner's clock, the device state (a Jetson's
     power mode and clocks) and an independent timing of the same engines where one exists (trtexec)."""
-    return {"latency_clock": next(iter(runners.values())).clock,
-            "latency_timing": {n: r.timing_report() for n, r in runners.items()},
+    return {"latency_clock": clock,
+            "latency_timing": timing_reports,
             "device_state": backend.device_state(),
             "latency_crosscheck": backend.latency_crosscheck(ed, batch_sizes, echo)}
+
+
+def _merge_into(into: dict[str, Any], new: dict[str, Any]) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge_into(into[k], v)
+        else:
+            into[k] = v
 
 
 def integrity_checks(ed: EngineDir, hashes: dict[str, str], allow_modified: bool) -> list[Check]:
@@ -141,6 +161,7 @@ def _accuracy_phase(backend: Backend, ed: EngineDir, batch_sizes: tuple[int, ...
         res, cks = accuracy_parity(out["fused"], torch_out["fused"], out["original"], torch_out["original"], test.y,
                                    precision, criteria(cfg, precision))
         res.executed_as = backend.executed_as(precision)
+        cks.append(original_engine_check(res, ed.onnx("original", precision).name))
         for c in cks:
             c.seconds = (time.perf_counter() - t0) / len(cks)
         accuracy[precision] = res
@@ -150,30 +171,36 @@ def _accuracy_phase(backend: Backend, ed: EngineDir, batch_sizes: tuple[int, ...
 
 def _latency_phase(backend: Backend, ed: EngineDir, X: np.ndarray, batch_sizes: tuple[int, ...], cfg: VerifyConfig,
                    echo) -> tuple[dict[str, Any], list[Check]]:
-    """Original (A), fused (B) and control (A', a second instance of the original) interleaved; one
-    verdict per batch size from the per-round seconds."""
+    """Original (A), fused (B) and control (A', a second instance of the original) interleaved, in blocks
+    of fresh sessions; one verdict per batch size from the per-round seconds and their sessions."""
     precision = backend.latency_precision()
-    latency_ms: dict[str, dict[str, dict[str, float]]] = {"original": {}, "fused": {}, "control": {}}
+    latency_ms: dict[str, dict[str, dict[str, float]]] = {n: {} for n in LATENCY_RUNNERS}
     rounds_ms: dict[str, dict[str, list[float]]] = {}
+    round_sessions: dict[str, list[int]] = {}
     verdicts: dict[int, LatencyVerdict] = {}
+    timing_reports: dict[str, dict[str, Any]] = {n: {} for n in LATENCY_RUNNERS}
     t0 = time.perf_counter()
-    runners = {"original": backend.runner(ed, "original", precision, batch_sizes, echo),
-               "fused": backend.runner(ed, "fused", precision, batch_sizes, echo),
-               "control": backend.runner(ed, "original", precision, batch_sizes, echo)}
-    try:
-        for r in runners.values():
-            r.activate()
-        for bs in batch_sizes:
-            times = _timed_rounds(runners, latency_input(X, bs), cfg)
-            for n, t in times.items():
-                latency_ms[n][str(bs)] = latency_stats(t)
-            rounds_ms[str(bs)] = {n: [round(float(v) * 1e3, 6) for v in t] for n, t in times.items()}
-            verdicts[bs] = latency_verdict(times["original"], times["fused"], times["control"], cfg.latency_band,
-                                           cfg.latency_band_max, cfg.latency_confidence)
-        context = _timing_context(backend, runners, ed, batch_sizes, echo)
-    finally:
-        for r in runners.values():
-            r.deactivate()
+
+    @contextlib.contextmanager
+    def open_runners(order: list[str]):
+        """Fresh runners, created and activated in `order`; their timing reports are kept when they close."""
+        with contextlib.ExitStack() as stack:
+            runners = {n: stack.enter_context(backend.runner(ed, LATENCY_RUNNERS[n], precision, batch_sizes, echo))
+                       for n in order}
+            yield runners
+            for n, r in runners.items():
+                _merge_into(timing_reports[n], r.timing_report())
+
+    for bs in batch_sizes:
+        times, sessions = _timed_rounds(open_runners, latency_input(X, bs), cfg)
+        for n, t in times.items():
+            latency_ms[n][str(bs)] = latency_stats(t)
+        rounds_ms[str(bs)] = {n: [round(float(v) * 1e3, 6) for v in t] for n, t in times.items()}
+        round_sessions[str(bs)] = [int(j) for j in sessions]
+        verdicts[bs] = latency_verdict(times["original"], times["fused"], times["control"], cfg.latency_band,
+                                       cfg.latency_band_max, cfg.latency_confidence, sessions)
+    clock = backend.runner(ed, "original", precision, batch_sizes, echo).clock
+    context = _timing_context(backend, clock, timing_reports, ed, batch_sizes, echo)
     checks = [Check(f"latency.batch_{bs}", v.verdict, f"{precision} batch {bs}: {v.reason}") for bs, v in verdicts.items()]
     for c in checks:
         c.seconds = (time.perf_counter() - t0) / len(checks)
@@ -185,6 +212,7 @@ def _latency_phase(backend: Backend, ed: EngineDir, X: np.ndarray, batch_sizes: 
         "latency_band": {"requested": cfg.latency_band, "max": cfg.latency_band_max,
                          "confidence": cfg.latency_confidence, "noise_factor": NOISE_FACTOR},
         "latency_rounds_ms": rounds_ms,
+        "latency_round_sessions": round_sessions,
         **context,
     }
     return figures, checks
@@ -309,7 +337,9 @@ def _report(backend: Backend, selection: str, checks: list[Check], warnings: lis
         "timing": {"warmup": cfg.warmup, "iterations": cfg.iterations, "unfused_iterations": unfused["unfused_iterations"],
                    "torch_threads": unfused["torch_threads"], "batch_sizes": batch_sizes,
                    "warmup_seconds": cfg.warmup_seconds, "min_seconds": cfg.min_seconds,
-                   "order": "round-robin original, fused, control (rotating each round); clock: see latency_clock"},
+                   "sessions": cfg.sessions,
+                   "order": "in min(sessions, iterations) blocks of fresh sessions (created in rotating order), "
+                            "round-robin original, fused, control (rotating each round); clock: see latency_clock"},
         "test_windows": len(test),
         "data_available": test.data_available,
         "inputs": test.counts,
