@@ -27,6 +27,7 @@ CONNECT_TIMEOUT_S = 5.0
 # Ray runs a task again when its worker process or node dies (runs are deterministic: a rerun gives the same
 # figures); an exception raised by the run itself is never retried.
 RETRIES_ON_LOST_WORKER = 3
+CANCEL_ROUNDS, CANCEL_WAIT_S = 3, 2.0
 
 
 def import_ray():
@@ -81,7 +82,11 @@ def _run_task(fn: Callable, inputs_ref: list, job: Job) -> dict[str, Any]:
         _LOADED.clear()
         _LOADED[key] = pickle.loads(ray.get(inputs_ref[0]))
     torch.set_num_threads(1)
-    return fn(_LOADED[key], job)
+    try:
+        return fn(_LOADED[key], job)
+    except Exception as exc:
+        exc.edgetool_node = ray.util.get_node_ip_address()  # travels with the pickled exception to the driver
+        raise
 
 
 class RayPool:
@@ -121,11 +126,21 @@ class RayPool:
             self.ray.shutdown()
 
     def _cancel(self) -> None:
-        for ref in self.pending:
+        # A task being handed to a worker while it is cancelled can miss the cancel and run to its end: cancel
+        # again whatever has not stopped after a moment (a few rounds, then leave it to Ray).
+        left = list(self.pending)
+        for _ in range(CANCEL_ROUNDS):
+            for ref in left:
+                try:
+                    self.ray.cancel(ref, force=True)
+                except Exception:  # noqa: BLE001  the task finished or its worker is gone: nothing to cancel
+                    pass
+            if not left:
+                break
             try:
-                self.ray.cancel(ref, force=True)
-            except Exception:  # noqa: BLE001  the task finished or its worker is gone: nothing to cancel
-                pass
+                _, left = self.ray.wait(left, num_returns=len(left), timeout=CANCEL_WAIT_S)
+            except Exception:  # noqa: BLE001  e.g. the cluster went away: nothing left to cancel there
+                break
         self.pending.clear()
 
     def for_recipe(self, device: str) -> "RayPool":
@@ -153,19 +168,24 @@ class RayPool:
         waiting = {task.remote(fn, [ref], job): job for job in jobs}
         self.pending[:] = waiting
         results: dict[Job, dict[str, Any]] = {}
-        while waiting:
-            done, _ = ray.wait(list(waiting), num_returns=1)
-            job = waiting.pop(done[0])
-            self.pending.remove(done[0])
-            try:
-                results[job] = ray.get(done[0])
-            except ray.exceptions.RayTaskError as exc:
-                if isinstance(exc.cause, KeyboardInterrupt):  # Ctrl-C reached the worker first
-                    raise KeyboardInterrupt from None
-                raise run_failed(run_name(fn, inputs, job), exc.cause, f" on node {exc.ip}") from None
-            except ray.exceptions.RayError as exc:  # the worker or node died, also on every retry
-                raise EdgetoolError(f"run '{run_name(fn, inputs, job)}' failed: its Ray worker or node was lost "
-                                    f"({type(exc).__name__}: {first_line(exc)})") from None
-            if on_done is not None:
-                on_done(job, results[job])
+        try:
+            while waiting:
+                done, _ = ray.wait(list(waiting), num_returns=1)
+                job = waiting.pop(done[0])
+                self.pending.remove(done[0])
+                try:
+                    results[job] = ray.get(done[0])
+                except ray.exceptions.RayTaskError as exc:
+                    if isinstance(exc.cause, KeyboardInterrupt):  # Ctrl-C reached the worker first
+                        raise KeyboardInterrupt from None
+                    node = getattr(exc.cause, "edgetool_node", None)
+                    raise run_failed(run_name(fn, inputs, job), exc.cause, f" on node {node}" if node else "") from exc
+                except ray.exceptions.RayError as exc:  # the worker or node died, also on every retry
+                    raise EdgetoolError(f"run '{run_name(fn, inputs, job)}' failed: its Ray worker or node was lost "
+                                        f"({type(exc).__name__}: {first_line(exc)})") from None
+                if on_done is not None:
+                    on_done(job, results[job])
+        except BaseException:  # a failed run, Ctrl-C: the batch's other runs would only be thrown away
+            self._cancel()
+            raise
         return results
