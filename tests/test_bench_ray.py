@@ -139,6 +139,20 @@ def test_a_failed_run_cancels_the_runs_still_outstanding(local_ray):
         assert local_ray.available_resources().get("CPU", 0) == 2 and time.monotonic() - began < 60
 
 
+@needs_ray
+def test_each_run_asks_for_one_gpu_when_training_on_cuda(local_ray):
+    from toolchain.bench.raypool import RayPool
+
+    with RayPool() as pool:
+        assert pool.for_recipe("cpu").gpus_per_run == 0
+        with pytest.raises(EdgetoolError, match=r"use --device cuda|train on device cuda, not cuda:1"):
+            pool.for_recipe("cuda:1")
+        # this Ray has CPUs only: a run asking for a GPU would wait forever, so it is refused
+        with pytest.raises(EdgetoolError, match=r"training on cuda: the Ray cluster \(local\) has no GPU"):
+            pool.for_recipe("cuda")
+        assert pool.gpus_per_run == 1
+
+
 def _crash_once(marker):
     def run(inputs, job):
         if not os.path.exists(marker):
@@ -189,8 +203,6 @@ def test_an_unreachable_cluster_is_exit_2_naming_the_address(make_recipe, tmp_pa
 ])
 def test_executor_options_that_do_not_go_together(make_recipe, tmp_path, args, needle):
     recipe = make_recipe("badexec")
-    if args[:2] == ["--executor", "ray"] and "--ray-address" in args and importlib.util.find_spec("ray") is None:
-        pytest.skip("the address is checked once Ray is imported; Ray is not installed")
     res = CliRunner().invoke(main, ["bench", str(recipe.source), *args, "--out", str(tmp_path / "o"), "--quiet"])
     assert_one_line_error(res, needle)
     assert not (tmp_path / "o").exists()

@@ -220,7 +220,6 @@ def bench_cmd(recipes: tuple[Path, ...], methods: str | None, seeds: int | None,
     if seeds is not None and seeds <= 0:
         raise EdgetoolError(f"--seeds must be a positive number of seeds, got {seeds}")
     runner = EXECUTORS[executor].from_options(workers, ray_address)
-    runner.check()
     loaded = [load_with_device(r, device, precision) for r in recipes]
     run_benches(loaded, None if methods is None else parse_methods(methods, []), seeds, out, progress=not quiet,
                 echo=echo, executor=runner)

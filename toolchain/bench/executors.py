@@ -53,8 +53,12 @@ class RayExecutor:
         return cls(ray_address)
 
     def check(self) -> None:
-        if self.address is not None and not self.address.strip():
-            raise EdgetoolError("--ray-address is empty; give auto or HOST:PORT")
+        if self.address is None or self.address == "auto":
+            return
+        host, sep, port = self.address.removeprefix("ray://").rpartition(":")
+        if not host or not sep or not port.isdigit():
+            raise EdgetoolError(f"--ray-address {self.address}: expected auto or HOST:PORT (the address `ray start --head` "
+                                "printed)")
 
     def open(self):
         from .raypool import RayPool

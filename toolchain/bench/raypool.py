@@ -40,9 +40,9 @@ def import_ray():
 
 def _probe(address: str) -> None:
     """Exit 2 naming `address` when nothing answers at its host:port (or 'auto' finds no cluster)."""
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not port.isdigit():
-        raise EdgetoolError(f"--ray-address {address}: expected auto or HOST:PORT (the address `ray start --head` printed)")
+    host, _, port = address.removeprefix("ray://").rpartition(":")  # the form is checked by RayExecutor.check
+    if not host or not port.isdigit():  # 'auto' this Ray could not resolve here: ray.init resolves it
+        return
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as exc:
@@ -108,14 +108,18 @@ class RayPool:
             if self.address is None:
                 options.update(address="local", include_dashboard=False)
             else:
-                target = _cluster_address(ray, self.address)
-                _probe(target)
-                options["address"] = target
+                _probe(_cluster_address(ray, self.address))
+                # 'auto' itself, not what it resolved to: Ray takes the token of a token-authenticated cluster
+                # (Ray >= 2.5x) from ~/.ray only for a cluster it found itself
+                options["address"] = self.address
             try:
                 ray.init(**options)
             except (ConnectionError, RuntimeError, ValueError) as exc:
-                where = self.address or "a local Ray"
-                raise EdgetoolError(f"--ray-address {where}: cannot start or join Ray ({first_line(exc)})") from None
+                if self.address is None:
+                    raise EdgetoolError(f"--executor ray: cannot start a local Ray ({first_line(exc)})") from None
+                raise EdgetoolError(f"--ray-address {self.address}: cannot join the Ray cluster there ({first_line(exc)}); "
+                                    "a cluster with token authentication also needs RAY_AUTH_MODE=token and its token "
+                                    "(Ray's docs: token-auth)") from None
             self.started = True
         self._task = ray.remote(_run_task)
         return self
@@ -150,6 +154,10 @@ class RayPool:
         if kind == "cuda" and ":" in str(device):
             raise EdgetoolError(f"--executor ray gives each run one GPU of its node: train on device cuda, not {device}")
         self.gpus_per_run = 1 if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()) else 0
+        if self.gpus_per_run and self.ray.cluster_resources().get("GPU", 0) < 1:
+            # Ray would wait for a GPU forever (an infeasible task), not fail
+            raise EdgetoolError(f"training on {device}: the Ray cluster ({self.address or 'local'}) has no GPU; "
+                                "add nodes with GPUs or train on --device cpu")
         return self
 
     def describe(self) -> dict[str, Any]:
