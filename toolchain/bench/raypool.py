@@ -114,7 +114,7 @@ class RayPool:
                 options["address"] = self.address
             try:
                 ray.init(**options)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001  Ray raises plain Exception too, e.g. a node that timed out starting
                 if self.address is None:
                     raise EdgetoolError(f"--executor ray: cannot start a local Ray ({first_line(exc)})") from None
                 raise EdgetoolError(f"--ray-address {self.address}: cannot join the Ray cluster there ({first_line(exc)}); "
