@@ -196,6 +196,21 @@ def test_an_unreachable_cluster_is_exit_2_naming_the_address(make_recipe, tmp_pa
     assert time.monotonic() - began < 30 and not (tmp_path / "o").exists() and not ray.is_initialized()
 
 
+@needs_ray
+def test_a_local_ray_that_fails_to_start_is_exit_2(make_recipe, tmp_path, monkeypatch):
+    import ray
+
+    def timed_out(**options):  # what Ray raises when its node does not come up in time (a very busy machine)
+        raise Exception("The current node timed out during startup.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", timed_out)
+    recipe = make_recipe("nostart")
+    res = CliRunner().invoke(main, ["bench", str(recipe.source), "--executor", "ray", "--out", str(tmp_path / "o"), "--quiet"])
+    assert_one_line_error(res, "--executor ray: cannot start a local Ray (The current node timed out during startup.)")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--executor", "ray", "--workers", "2"], "drop --workers"),
     (["--ray-address", "auto"], "--ray-address joins a Ray cluster: it needs --executor ray"),
