@@ -24,7 +24,7 @@ echo "min-versions: $TORCH_PIN, then the declared floors:" $(cat "$constraints")
 "${PIP[@]}" -r "$constraints" "$TORCH_PIN"
 "${PIP[@]}" --no-deps -e .
 "$VPY" -m pip check
-"$VPY" -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|numpy|onnx|onnxruntime|onnxconverter-common|polygraphy|click|pyyaml|pydantic|tqdm|matplotlib|protobuf|pytest)==' | tr '\n' ' '
+"$VPY" -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|numpy|onnx|onnxruntime|onnxconverter-common|polygraphy|click|pyyaml|pydantic|tqdm|matplotlib|protobuf|pytest|ray)==' | tr '\n' ' '
 echo
 set +e
 "$VPY" -m pytest -q -p no:cacheprovider -m "not slow" "$@"

@@ -14,6 +14,7 @@ import click
 from . import __version__
 from .backends import ENGINE_CHOICES
 from .backends.trtplan import BUILD_MODES, STRONGLY_TYPED
+from .bench.executors import EXECUTORS
 from .errors import EdgetoolError
 
 RECIPE = click.argument("recipe", type=click.Path(path_type=Path))
@@ -189,31 +190,39 @@ def verify_cmd(engine_dir: Path, engine: str, iterations: int | None, warmup: in
 
 
 @main.command("bench")
-@RECIPE
+@click.argument("recipes", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--methods", help="Comma-separated methods (default: the recipe's bench.methods), "
                                 "e.g. full,head,bn,bias,lora,dora,galore,adapter,ttlora.")
 @click.option("--seeds", type=int, help="Number of seeds (default: bench.seeds); seed i uses recipe seed + i.")
-@click.option("--out", type=click.Path(path_type=Path), help="Output directory (default: runs/bench/<recipe name>).")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Output directory (default: runs/bench/<recipe name>); with several recipes, the directory that "
+                   "holds one <recipe name> directory per recipe (default: runs/bench).")
 @DEVICE
 @PRECISION
-@click.option("--workers", type=int, default=1, show_default=True,
-              help="Training runs in parallel processes, one thread each; results do not depend on it.")
+@click.option("--executor", type=click.Choice(sorted(EXECUTORS)), default="local", show_default=True,
+              help="Where training runs go: local (this machine, --workers processes) or ray (Ray tasks, one CPU "
+                   "and with --device cuda one GPU each; needs edgetool[ray]). Results do not depend on it.")
+@click.option("--workers", type=int, help="--executor local: training runs in parallel processes, one thread each "
+                                          "[default: 1]; results do not depend on it.")
+@click.option("--ray-address", help="--executor ray: join a running cluster (auto, or HOST:PORT of `ray start "
+                                    "--head`) instead of starting a local Ray sized to this machine.")
 @click.option("--quiet", is_flag=True, help="No progress bar: one line per finished run instead (also without a terminal).")
 @reports_errors
-def bench_cmd(recipe: Path, methods: str | None, seeds: int | None, out: Path | None, device: str | None,
-              precision: str | None, workers: int, quiet: bool) -> None:
-    """Compare adaptation methods on the recipe's protocol with equal step budgets over several seeds,
+def bench_cmd(recipes: tuple[Path, ...], methods: str | None, seeds: int | None, out: Path | None, device: str | None,
+              precision: str | None, executor: str, workers: int | None, ray_address: str | None, quiet: bool) -> None:
+    """Compare adaptation methods on each recipe's protocol with equal step budgets over several seeds,
     each at its learning rate chosen on the validation split (bench.lr_grid).
 
-    Writes bench.json, bench.md and plots (pretrains the base first when model.checkpoint is missing)."""
-    from .stages.bench import parse_methods, run_bench
+    Writes bench.json, bench.md and plots per recipe (pretrains the base first when model.checkpoint is
+    missing). Several recipes run in one call, one after another on the same workers or Ray cluster."""
+    from .stages.bench import parse_methods, run_benches
 
     if seeds is not None and seeds <= 0:
         raise EdgetoolError(f"--seeds must be a positive number of seeds, got {seeds}")
-    r = load_with_device(recipe, device, precision)
-    if workers <= 0:
-        raise EdgetoolError(f"--workers must be a positive number of processes, got {workers}")
-    run_bench(r, parse_methods(methods, r.bench.methods), seeds, out, progress=not quiet, echo=echo, workers=workers)
+    runner = EXECUTORS[executor].from_options(workers, ray_address)
+    loaded = [load_with_device(r, device, precision) for r in recipes]
+    run_benches(loaded, None if methods is None else parse_methods(methods, []), seeds, out, progress=not quiet,
+                echo=echo, executor=runner)
 
 
 if __name__ == "__main__":

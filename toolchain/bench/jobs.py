@@ -9,7 +9,13 @@ Two kinds of run, each given only the data it may use:
   FLOPs and the fusion proof.
 
 A run depends only on its (method, seed index, lr) and the inputs: it seeds every generator itself and
-uses one intra-op thread, so a run gives the same numbers in any worker, in any order, with any --workers."""
+uses one intra-op thread, so a run gives the same numbers in any worker, in any order, with any --workers.
+A run reads no file: its inputs carry the data, the base model and the original's ONNX graph, so it runs the
+same on another machine (toolchain.bench.raypool sends it to a Ray cluster).
+
+Where runs go is an executor's choice (toolchain.bench.executors): `RunPool` here runs them on this machine,
+`RayPool` (toolchain.bench.raypool) on a Ray cluster. Both have one interface: `pool.for_recipe(device)` then
+`.run(fn, jobs, inputs, on_done)` for each batch of one recipe's jobs, and `describe()` for bench.json."""
 
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import copy
 import multiprocessing
 import os
 import pickle
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -25,13 +32,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
 from ..models.assembly import build_adapted
 from ..data.formats import Split
 from ..data.protocol import DataBundle
-from ..errors import DivergedError, EdgetoolError, NotMergeableError
+from ..errors import DivergedError, EdgetoolError, InternalError, NotMergeableError, first_line
 from ..proof.export import compare_graph_structure, export_onnx
 from ..proof.fusion import prove_fusion
 from ..methods.settings import MethodSettings
@@ -69,8 +77,7 @@ class ReportInputs:
     data: list[DataBundle]
     curve_splits: list[Split]  # per seed: the fixed subsample of the test split the curves are scored on
     original: nn.Module
-    original_onnx: Path
-    workdir: Path
+    original_onnx: onnx.ModelProto  # the graph fused models are compared with (held, not a path: no shared disk)
 
 
 def _empty(split: Split) -> Split:
@@ -100,8 +107,8 @@ def curve_subsample(split: Split, size: int, seed: int) -> Split:
     return split.take(np.sort(np.concatenate(picked)))
 
 
-def fusion_row(method, adapted: nn.Module, original: nn.Module, original_onnx: Path, sample: torch.Tensor,
-               X: np.ndarray, workdir: Path, recipe: Recipe) -> dict[str, Any]:
+def fusion_row(method, adapted: nn.Module, original: nn.Module, original_onnx: onnx.ModelProto, sample: torch.Tensor,
+               X: np.ndarray, recipe: Recipe) -> dict[str, Any]:
     """fuse-export's proof (architecture + equivalence), then the fused ONNX graph against the original's:
     identical graph and proof passed = zero inference overhead."""
     try:
@@ -112,9 +119,9 @@ def fusion_row(method, adapted: nn.Module, original: nn.Module, original_onnx: P
     row: dict[str, Any] = {"mergeable": True, "fused_max_abs_diff": proof.equivalence.max_abs_error,
                            "architecture_identical": not proof.architecture_differences,
                            "fusion_equivalent": proof.equivalence.passed}
-    path = workdir / f"fused-{method.name}.onnx"
-    export_onnx(proof.fused, sample, path, recipe.fuse.opset)
-    graph = compare_graph_structure(original_onnx, path)
+    with tempfile.TemporaryDirectory(prefix="edgetool-fused-") as tmp:  # this run's own: runs may share no disk
+        fused_onnx = export_onnx(proof.fused, sample, Path(tmp) / f"fused-{method.name}.onnx", recipe.fuse.opset)
+    graph = compare_graph_structure(original_onnx, fused_onnx)
     reasons = list(proof.failures)
     if not graph.identical:
         reasons.append("fused graph differs from the original: " + "; ".join(graph.differences[:3]))
@@ -170,7 +177,7 @@ def report_run(inputs: ReportInputs, job: Job) -> dict[str, Any]:
     if job.seed_index == 0:
         sample = torch.from_numpy(data.target_test.X[:1])
         out["once"].update(fusion_row(method, model, inputs.original, inputs.original_onnx, sample, data.target_test.X,
-                                      inputs.workdir, inputs.recipe))
+                                      inputs.recipe))
     out.update({
         "steps_to_target": result.steps_to_target,
         "train_seconds": result.train_seconds,
@@ -182,6 +189,35 @@ def report_run(inputs: ReportInputs, job: Job) -> dict[str, Any]:
                                                   inputs.recipe.bench.timing_steps),
     })
     return out
+
+
+def run_name(fn: Callable, inputs, job: Job) -> str:
+    """How the progress lines name a run: 'select lora seed 1 lr 0.003', 'report ttlora seed 0 lr 0.01'."""
+    kind = {"selection_run": "select", "report_run": "report"}.get(getattr(fn, "__name__", ""), "run")
+    seeds = getattr(inputs, "seeds", None)
+    seed = seeds[job.seed_index] if seeds is not None else job.seed_index
+    return f"{kind} {job.method} seed {seed} lr {job.lr:g}"
+
+
+def run_failed(name: str, exc: BaseException, where: str = "") -> Exception:
+    """The one-line error for run `name` that raised `exc` (`where`: e.g. ' on node 10.0.0.7'): bad input or
+    environment (an EdgetoolError) keeps its exit code; anything else is edgetool's own failure (exit 3)."""
+    text = f"run '{name}' failed{where}: {first_line(exc)}"
+    if isinstance(exc, EdgetoolError):
+        err = EdgetoolError(text)
+        err.exit_code = exc.exit_code
+        return err
+    return InternalError(f"{text} ({type(exc).__name__})")
+
+
+def pickled_inputs(inputs, where: str, instead: str) -> bytes:
+    """`inputs` pickled for other processes; one that cannot be is one line naming the option to use instead."""
+    try:
+        return pickle.dumps(inputs, protocol=pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+        # e.g. a model.factory model holding a lambda or a class defined in a script
+        raise EdgetoolError(f"{where}: the model or data cannot be sent to worker processes "
+                            f"({type(exc).__name__}: {exc}); run with {instead}") from None
 
 
 # In a worker: the inputs of the runs it is given, loaded once per inputs file.
@@ -211,15 +247,21 @@ def _call(fn: Callable, inputs_path: str, job: Job) -> dict[str, Any]:
 class RunPool:
     """Runs fn(inputs, job) for many jobs: in this process (workers 1) or in `workers` processes started once
     and kept for every batch (spawn, not fork: a forked child of a process that has used OpenMP threads can
-    hang). Each batch's inputs are written to `workdir` and read by a worker when it first needs them, so a
-    batch's inputs exist for the workers only from that batch on."""
+    hang). Each batch's inputs are written to `workdir` (default: a temporary directory of the pool's own)
+    and read by a worker when it first needs them, so a batch's inputs exist for the workers only from that
+    batch on."""
 
-    def __init__(self, workers: int, workdir: Path):
-        self.workers, self.workdir, self.batches = workers, Path(workdir), 0
+    def __init__(self, workers: int, workdir: Path | None = None):
+        self.workers, self.batches = workers, 0
+        self.workdir = Path(workdir) if workdir is not None else None
         self.pool: cf.ProcessPoolExecutor | None = None
+        self._own_dir: tempfile.TemporaryDirectory | None = None
 
     def __enter__(self) -> "RunPool":
         if self.workers > 1:
+            if self.workdir is None:
+                self._own_dir = tempfile.TemporaryDirectory(prefix="edgetool-bench-")
+                self.workdir = Path(self._own_dir.name)
             self.pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
                                                initializer=_worker_init, initargs=(os.getpid(),))
         return self
@@ -227,6 +269,15 @@ class RunPool:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=exc_type is None, cancel_futures=exc_type is not None)
+        if self._own_dir is not None:
+            self._own_dir.cleanup()
+
+    def for_recipe(self, device: str) -> "RunPool":
+        """The pool for one recipe's runs, which train on `device` (every local run sees this machine's devices)."""
+        return self
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": "local", "workers": self.workers}
 
     def run(self, fn: Callable[[Any, Job], dict[str, Any]], jobs: list[Job], inputs,
             on_done: Callable[[Job, dict[str, Any]], None] | None = None) -> dict[Job, dict[str, Any]]:
@@ -237,7 +288,10 @@ class RunPool:
             torch.set_num_threads(1)
             try:
                 for job in jobs:
-                    results[job] = fn(inputs, job)
+                    try:
+                        results[job] = fn(inputs, job)
+                    except Exception as exc:
+                        raise run_failed(run_name(fn, inputs, job), exc) from exc
                     if on_done is not None:
                         on_done(job, results[job])
             finally:
@@ -245,17 +299,15 @@ class RunPool:
             return results
         self.batches += 1
         path = self.workdir / f"run-inputs-{self.batches}.pickle"
-        try:
-            with open(path, "wb") as f:
-                pickle.dump(inputs, f, protocol=pickle.HIGHEST_PROTOCOL)
-        except (pickle.PicklingError, TypeError, AttributeError) as exc:
-            # e.g. a model.factory model holding a lambda or a class defined in a script
-            raise EdgetoolError(f"--workers {self.workers}: the model or data cannot be sent to worker processes "
-                                f"({type(exc).__name__}: {exc}); run with --workers 1") from None
+        path.write_bytes(pickled_inputs(inputs, f"--workers {self.workers}", "--workers 1"))
         futures = {self.pool.submit(_call, fn, str(path), job): job for job in jobs}
         for future in cf.as_completed(futures):
             job = futures[future]
-            results[job] = future.result()
+            try:
+                results[job] = future.result()
+            except Exception as exc:
+                raise run_failed(run_name(fn, inputs, job), exc) from exc
             if on_done is not None:
                 on_done(job, results[job])
         return results
+

@@ -7,7 +7,8 @@ validation macro-F1. Report: every method trains again at its chosen rate on eve
 only here is the test split used. For each seed the methods see the same few target shots and the same
 batches in the same order (`fit`'s order depends only on the seed, batch size and step count, which
 `BenchConfig` keeps shared), so differences between rows come from the methods. Runs go to `--workers`
-processes (toolchain.bench.jobs); each depends only on its (method, seed, rate). Output directory:
+processes or to Ray tasks (toolchain.bench.executors); each depends only on its (method, seed, rate). Several
+recipes run in one call, one after another in one pool, each into its own directory. Output directory:
   bench.json        one row per method: mean/std over seeds of every measured figure (+ per-seed values), the
                     learning-rate grid with validation F1 per rate, and convergence to headroom targets
   bench.md          the same as markdown tables
@@ -22,9 +23,11 @@ fused model's ONNX graph compared with the original's.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +39,8 @@ from tqdm import tqdm
 from ..console import say, say_notes
 from ..artifacts import atomic_dir, atomic_write_json, atomic_write_text, claimed_output, default_output
 from ..models.assembly import build_adapted, check_model_io, ensure_base_model, original_model
-from ..bench.jobs import Job, ReportInputs, RunPool, curve_subsample, report_run
+from ..bench.executors import LocalExecutor
+from ..bench.jobs import Job, ReportInputs, curve_subsample, report_run
 from ..bench.report import (MEASUREMENT, add_cost_ratios, convergence_table, count_text, markdown_table, mean_std, selection_fields,
                            selection_table, summarise)
 from ..bench.convergence import convergence
@@ -135,29 +139,80 @@ class _Progress:
         self.bar.close()
 
 
-def run_bench(recipe: Recipe, methods: list[str] | None = None, seeds: int | None = None, out_dir: Path | None = None,
-              progress: bool = True, echo=print, workers: int = 1) -> Path:
-    """Choose each method's learning rate on the validation split, then run every method at its rate over
-    `seeds` seeds with the recipe's shared budget; write the bench directory."""
-    began = time.perf_counter()
+@dataclass
+class _Planned:
+    recipe: Recipe
+    methods: list[str]
+    n_seeds: int
+    configs: dict[str, tuple[MethodSettings, OptimConfig]]
+    grids: dict[str, list[float]]
+    out_dir: Path
+
+
+def bench_outputs(recipes: list[Recipe], out: Path | None) -> list[Path]:
+    """Each recipe's bench directory: `out` for one recipe; for several, OUT/<recipe name> (default
+    runs/bench/<recipe name>), refused when two recipes have one name."""
+    if len(recipes) == 1:
+        return [Path(out) if out is not None else default_output(Path("runs") / "bench", recipes[0].name)]
+    seen: dict[str, Recipe] = {}
+    for r in recipes:
+        if r.name in seen:
+            raise EdgetoolError(f"recipes {seen[r.name].source} and {r.source} have the same name '{r.name}': their "
+                                "benches would share one output directory; rename one (recipe field 'name')")
+        seen[r.name] = r
+    root = Path(out) if out is not None else Path("runs") / "bench"
+    return [default_output(root, r.name) for r in recipes]
+
+
+def _plan(recipe: Recipe, methods: list[str] | None, seeds: int | None, out_dir: Path) -> _Planned:
+    """Every check that needs no training, so a bad recipe fails before any recipe's work starts."""
     check_inputs_exist(recipe)
     training_device(recipe.train.device, recipe.train.precision, "train")  # refuse before any work
     methods = list(methods) if methods is not None else list(recipe.bench.methods)
     n_seeds = recipe.bench.seeds if seeds is None else seeds
     if n_seeds <= 0:
         raise EdgetoolError(f"--seeds must be a positive number of seeds, got {n_seeds}")
-    if workers <= 0:
-        raise EdgetoolError(f"--workers must be a positive number of processes, got {workers}")
     configs = method_configs(recipe, methods)
-    grids = rate_grids(recipe, configs)
-    out_dir = Path(out_dir) if out_dir is not None else default_output(Path("runs") / "bench", recipe.name)
-    with claimed_output(out_dir, BENCH_FILES, "an edgetool bench directory",
-                        (("model.checkpoint", recipe.model.checkpoint),)):
-        return _run_bench(recipe, methods, n_seeds, configs, grids, out_dir, progress, echo, workers, began)
+    return _Planned(recipe, methods, n_seeds, configs, rate_grids(recipe, configs), Path(out_dir))
+
+
+def run_bench(recipe: Recipe, methods: list[str] | None = None, seeds: int | None = None, out_dir: Path | None = None,
+              progress: bool = True, echo=print, workers: int = 1, executor=None) -> Path:
+    """Choose each method's learning rate on the validation split, then run every method at its rate over
+    `seeds` seeds with the recipe's shared budget; write the bench directory. `executor` (default: a local
+    pool of `workers` processes, toolchain.bench.executors) says where the training runs go."""
+    return run_benches([recipe], methods, seeds, out_dir, progress, echo,
+                       executor if executor is not None else LocalExecutor(workers))[0]
+
+
+def run_benches(recipes: list[Recipe], methods: list[str] | None = None, seeds: int | None = None,
+                out: Path | None = None, progress: bool = True, echo=print, executor=None) -> list[Path]:
+    """run_bench for several recipes in one pool (one Ray cluster runs them all), one after another, each
+    into its own directory (bench_outputs). Every recipe and output is checked before any work starts; a
+    failure stops the call, and the benches finished before it stay complete."""
+    executor = executor if executor is not None else LocalExecutor()
+    executor.check()
+    planned = [_plan(r, methods, seeds, o) for r, o in zip(recipes, bench_outputs(recipes, out))]
+    with contextlib.ExitStack() as claims:
+        for p in planned:
+            p.out_dir = claims.enter_context(claimed_output(p.out_dir, BENCH_FILES, "an edgetool bench directory",
+                                                            (("model.checkpoint", p.recipe.model.checkpoint),)))
+        written = []
+        with executor.open() as pool:
+            for p in planned:
+                began = time.perf_counter()
+                try:
+                    written.append(_run_bench(p.recipe, p.methods, p.n_seeds, p.configs, p.grids, p.out_dir, progress,
+                                              echo, pool.for_recipe(p.recipe.train.device), began))
+                except EdgetoolError as exc:
+                    if len(planned) > 1:  # say which recipe's bench failed
+                        exc.args = (f"recipe {p.recipe.name}: {exc}",)
+                    raise
+        return written
 
 
 def _run_bench(recipe: Recipe, methods: list[str], n_seeds: int, configs: dict[str, tuple[MethodSettings, OptimConfig]],
-               grids: dict[str, list[float]], out_dir: Path, progress: bool, echo, workers: int, began: float) -> Path:
+               grids: dict[str, list[float]], out_dir: Path, progress: bool, echo, pool, began: float) -> Path:
     base_data = load_data(recipe.data, recipe.seed)
     say_notes(echo, base_data.notes)
     base, head_name, _ = ensure_base_model(recipe, base_data, progress, echo)
@@ -175,19 +230,18 @@ def _run_bench(recipe: Recipe, methods: list[str], n_seeds: int, configs: dict[s
         check_validation(recipe, bundles)
     n_select = sum(len(g) for g in grids.values() if len(g) > 1) * n_seeds
     shown = _Progress(n_select + len(methods) * n_seeds, recipe.name, seed_values, progress, echo)
-    with tempfile.TemporaryDirectory(prefix="edgetool-bench-") as tmp, RunPool(workers, Path(tmp)) as pool:
-        try:
-            chosen = select_rates(configs, grids, base, head_name, seed_values, bundles, pool, shown.selected)
-            rates = {m: chosen[m]["lr"] if m in chosen else grids[m][0] for m in methods}
-            curve_splits = [curve_subsample(b.target_test, recipe.bench.eval_subsample, recipe.seed) for b in bundles]
-            original_onnx = Path(tmp) / onnx_name("original", "fp32")
-            export_onnx(original, torch.from_numpy(base_data.target_test.X[:1]), original_onnx, recipe.fuse.opset)
-            inputs = ReportInputs(recipe, base, head_name, configs, seed_values, bundles, curve_splits, original,
-                                  original_onnx, Path(tmp))
-            jobs = [Job(m, i, rates[m]) for m in methods for i in range(n_seeds)]
-            reports = pool.run(report_run, jobs, inputs, shown.reported)
-        finally:
-            shown.close()
+    try:
+        chosen = select_rates(configs, grids, base, head_name, seed_values, bundles, pool, shown.selected)
+        rates = {m: chosen[m]["lr"] if m in chosen else grids[m][0] for m in methods}
+        curve_splits = [curve_subsample(b.target_test, recipe.bench.eval_subsample, recipe.seed) for b in bundles]
+        with tempfile.TemporaryDirectory(prefix="edgetool-bench-") as tmp:
+            original_onnx = export_onnx(original, torch.from_numpy(base_data.target_test.X[:1]),
+                                        Path(tmp) / onnx_name("original", "fp32"), recipe.fuse.opset)
+        inputs = ReportInputs(recipe, base, head_name, configs, seed_values, bundles, curve_splits, original, original_onnx)
+        jobs = [Job(m, i, rates[m]) for m in methods for i in range(n_seeds)]
+        reports = pool.run(report_run, jobs, inputs, shown.reported)
+    finally:
+        shown.close()
 
     runs_of = {m: [reports[Job(m, i, rates[m])] for i in range(n_seeds)] for m in methods}
     rows = []
@@ -219,6 +273,7 @@ def _run_bench(recipe: Recipe, methods: list[str], n_seeds: int, configs: dict[s
                      "measured": "separately on the first seed (full is not among the benched methods)"}
     add_cost_ratios(rows, reference)
     device_info = runs_of[methods[0]][0]["device"]
+    executor_info = pool.describe()
 
     zs_mean, zs_std = mean_std(zero_shot)
     scenario = (f"new classes ({base_data.num_source_classes} source classes -> {base_data.num_classes} target classes)"
@@ -250,7 +305,8 @@ def _run_bench(recipe: Recipe, methods: list[str], n_seeds: int, configs: dict[s
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),  # this process's: pretraining a missing base used it
             "threads_per_run": 1,
-            "workers": workers,
+            "workers": executor_info.get("workers", executor_info.get("cpus")),  # runs at once, at most
+            "executor": executor_info,
             "wall_seconds": time.perf_counter() - began,
             "device": device_info,
             "full_reference": reference,
