@@ -127,18 +127,25 @@ INPUTS = click.option("--inputs", type=click.Path(path_type=Path),
                            "and instead of the data when the run's data files are not here.")
 
 
+TRUST = click.option("--trust-factory", "trust_factories", multiple=True, metavar="MODULE",
+                     help="Import the model factory the run's recipe names from MODULE (a package trusts its "
+                          "modules; repeatable; or EDGETOOL_TRUST_FACTORY=MODULE,...). A factory is code: one named "
+                          "by a run directory is never imported without this.")
+
+
 @main.command("fuse-export")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), help="Output directory (default: engines/<run name>).")
 @INPUTS
+@TRUST
 @reports_errors
-def fuse_export_cmd(run_dir: Path, out: Path | None, inputs: Path | None) -> None:
+def fuse_export_cmd(run_dir: Path, out: Path | None, inputs: Path | None, trust_factories: tuple[str, ...]) -> None:
     """Fuse the run's adapter into dense convs, prove equivalence, export original/fused ONNX (FP32 + FP16).
 
     Exit 0: every check passed; 1: a check failed (report in <out>.failed-report.json); 2: bad input."""
     from .stages.fuse_export import fuse_export
 
-    fuse_export(run_dir, out, echo=echo, inputs=inputs)
+    fuse_export(run_dir, out, echo=echo, inputs=inputs, trust_factories=trust_factories)
 
 
 @main.command("apply")
@@ -174,9 +181,10 @@ def apply_cmd(adapter: Path, recipe_path: Path, base: Path | None, out: Path) ->
                    "seeded random ones).")
 @click.option("--allow-modified", is_flag=True, help="Engine files edited since fuse-export are a warning "
               "(recorded in the report), not a failure.")
+@TRUST
 @reports_errors
 def verify_cmd(engine_dir: Path, engine: str, iterations: int | None, warmup: int | None, trt_build: str | None,
-               inputs: Path | None, allow_modified: bool) -> None:
+               inputs: Path | None, allow_modified: bool, trust_factories: tuple[str, ...]) -> None:
     """Prove the fused engine matches the fused PyTorch model (accuracy) and the original engine (latency).
 
     Writes ENGINE_DIR/verify_report.json and verify_junit.xml when every check ran. Exit 0 pass (latency may
@@ -185,7 +193,7 @@ def verify_cmd(engine_dir: Path, engine: str, iterations: int | None, warmup: in
     from .stages.verify import verify
 
     verify(engine_dir, engine, echo=echo, iterations=iterations, warmup=warmup, trt_build=trt_build, inputs=inputs,
-           allow_modified=allow_modified)
+           allow_modified=allow_modified, trust_factories=trust_factories)
 
 
 @main.command("bench")

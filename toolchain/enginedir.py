@@ -20,7 +20,7 @@ from typing import Any, Iterator
 from .artifacts import (atomic_dir, atomic_write_files, atomic_write_json, check_output_dir, claimed_output,
                         default_output, json_bytes, read_json, sha256_file)
 from .errors import EdgetoolError
-from .rundir import ADAPTER_FILE
+from .rundir import ADAPTER_FILE, RECIPE_FILE
 
 GRAPHS = ("original", "fused")
 PRECISIONS = ("fp32", "fp16")
@@ -144,12 +144,30 @@ def read_engine_dir(engine_dir: Path | str) -> EngineDir:
     if not run_dir.is_dir():
         raise EdgetoolError(f"the run directory ENGINE_DIR was exported from, {run_dir} (recorded in {report_path}), "
                             "no longer exists; rerun `edgetool fuse-export RUN_DIR` on the run where it is now")
-    adapter = run_dir / ADAPTER_FILE
-    if "adapter_sha256" in rep and adapter.is_file() and sha256_file(adapter) != rep["adapter_sha256"]:
-        raise EdgetoolError(f"{adapter} changed since fuse-export wrote {engine_dir} (the run was adapted again): "
-                            f"these engines are of the earlier adapter; rerun `edgetool fuse-export {run_dir}`")
+    check_exported_from(run_dir, rep, engine_dir)
     return EngineDir(engine_dir, rep, run_dir, rep.get("input_name", "input"), rep.get("output_name", "logits"),
                      input_shape, opset)
+
+
+def check_exported_from(run_dir: Path, rep: dict[str, Any], engine_dir: Path) -> None:
+    """The run directory the fuse report names is the one these engines were exported from: its adapter.pt
+    (which records its recipe.yaml's sha256) and recipe.yaml have the sha256 the report records. Fails
+    closed: a report without the adapter's hash cannot show which run it belongs to, so editing `run_dir`
+    never sends verify to another run."""
+    if not isinstance(rep.get("adapter_sha256"), str):
+        raise EdgetoolError(f"{engine_dir / FUSE_REPORT} records no sha256 of the run's {ADAPTER_FILE}: it cannot show "
+                            "which run it was exported from; rerun `edgetool fuse-export RUN_DIR`")
+    for name, key in ((ADAPTER_FILE, "adapter_sha256"), (RECIPE_FILE, "recipe_sha256")):
+        path = run_dir / name
+        if key not in rep:
+            continue  # recipe_sha256: reports from before it was recorded (the adapter's hash covers it since)
+        if not path.is_file():
+            raise EdgetoolError(f"{run_dir}, the run directory {engine_dir / FUSE_REPORT} names, has no {name}: "
+                                f"rerun `edgetool fuse-export RUN_DIR` on the run these engines came from")
+        if sha256_file(path) != rep[key]:
+            raise EdgetoolError(f"{path} is not the {name} {engine_dir} was exported from (its sha256 is not the one "
+                                f"{FUSE_REPORT} records): it changed since fuse-export wrote the engines (the run was "
+                                f"adapted again), or the report names another run; rerun `edgetool fuse-export {run_dir}`")
 
 
 def engine_file_hashes(ed: EngineDir) -> dict[str, str]:

@@ -27,7 +27,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import onnx
@@ -206,12 +206,13 @@ def _warnings(run: AdaptedRun, cfg: VerifyConfig) -> list[str]:
 
 def verify(engine_dir: Path | str, engine: str = "auto", echo=print, iterations: int | None = None,
            warmup: int | None = None, trt_build: str | None = None, inputs: Path | str | None = None,
-           allow_modified: bool = False) -> dict[str, Any]:
+           allow_modified: bool = False, trust_factories: Iterable[str] = ()) -> dict[str, Any]:
     """Run every check, write verify_report.json and verify_junit.xml, print a summary; returns the report.
     Raises ParityError (exit 1) naming the failed checks, EdgetoolError (exit 2) for bad input/environment
     (then no report is written, and earlier ones stay). `trt_build`: how TensorRT builds its engines
     (toolchain.backends.trtplan.BUILD_MODES). Without the run's data, checks run on seeded random windows plus
-    `inputs` (an .npz with `X`)."""
+    `inputs` (an .npz with `X`). `trust_factories`: model factories the run's recipe may name (see
+    toolchain.rundir.load_run)."""
     t_start = time.perf_counter()
     ed = _open_engine_dir(engine_dir)
     hashes = engine_file_hashes(ed)
@@ -219,7 +220,7 @@ def verify(engine_dir: Path | str, engine: str = "auto", echo=print, iterations:
     backend, selection = select_backend(engine)
     say(echo, f"engine: {backend.name} ({selection})")
     _apply_trt_build(backend, trt_build, echo)
-    run, cfg, batch_sizes, test = _load_run_and_inputs(ed, iterations, warmup, inputs, echo)
+    run, cfg, batch_sizes, test = _load_run_and_inputs(ed, iterations, warmup, inputs, echo, trust_factories)
     warnings = _warnings(run, cfg) + [c.message for c in checks if c.verdict == WARNING]
     fused = fuse_model(run.method, run.adapted)
     torch_out = {g: predict_logits(m, test.X, max(batch_sizes)) for g, m in (("fused", fused), ("original", run.original))}
@@ -257,10 +258,11 @@ def _open_engine_dir(engine_dir: Path | str) -> EngineDir:
     return read_engine_dir(engine_dir)
 
 
-def _load_run_and_inputs(ed: EngineDir, iterations: int | None, warmup: int | None, inputs, echo):
+def _load_run_and_inputs(ed: EngineDir, iterations: int | None, warmup: int | None, inputs, echo,
+                         trust_factories: Iterable[str] = ()):
     """The run the engines came from, its verify settings (with the CLI's overrides) and the inputs to
     check on: the target test split, or without the data seeded windows plus `inputs`."""
-    run = load_run(ed.run_dir, echo=echo)
+    run = load_run(ed.run_dir, echo=echo, trust_factories=trust_factories)
     cfg = run.recipe.verify.model_copy()
     if iterations is not None:
         cfg.iterations = iterations

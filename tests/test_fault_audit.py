@@ -1,0 +1,112 @@
+"""The fault and attack audit (issue 18), one test per guarantee, each failing when its guarantee is
+removed: a run or engine directory from elsewhere runs no code; locks and temp files never follow links;
+replacing an output never removes an input; one writer per base checkpoint; verify holds the engine
+directory's lock; bad input or a full disk is exit 2 (a failed check exit 1) in one line, never exit 3;
+a killed process leaves nothing behind that the next run does not clean."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import assert_one_line_error, cli, tiny_recipe_dict, write_recipe
+
+from toolchain import artifacts
+from toolchain.errors import EdgetoolError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _edit_run(src: Path, dst: Path, edit, reseal: bool = True) -> Path:
+    """A copy of run `src` at `dst` whose recipe.yaml `edit` changed; `reseal`: its adapter.pt records the
+    edited recipe's sha256 too, as someone forging a run directory would make it."""
+    shutil.copytree(src, dst)
+    recipe = yaml.safe_load((dst / "recipe.yaml").read_text())
+    edit(recipe)
+    text = yaml.safe_dump(recipe, sort_keys=False).encode()
+    (dst / "recipe.yaml").write_bytes(text)
+    if reseal:
+        payload = torch.load(dst / "adapter.pt", weights_only=True)
+        payload["recipe_sha256"] = hashlib.sha256(text).hexdigest()
+        torch.save(payload, dst / "adapter.pt")
+    return dst
+
+
+def _point_engine_at(engine: Path, dst: Path, run: Path) -> Path:
+    """A copy of `engine` whose fuse report names `run` (with its adapter's and recipe's sha256: forged)."""
+    shutil.copytree(engine, dst)
+    rep = json.loads((dst / "fuse_report.json").read_text())
+    rep.update(run_dir=str(run), adapter_sha256=artifacts.sha256_file(run / "adapter.pt"),
+               recipe_sha256=artifacts.sha256_file(run / "recipe.yaml"))
+    (dst / "fuse_report.json").write_text(json.dumps(rep))
+    return dst
+
+
+def _os_system_factory(marker: Path):
+    def edit(recipe):
+        recipe["model"] = {**recipe["model"], "arch": "factory", "factory": "os:system",
+                           "kwargs": {"command": f"touch {marker}"}}
+    return edit
+
+
+# ---------------------------------------------------------------------------------------------- 1. no code without trust
+
+
+@pytest.mark.parametrize("command", ["fuse-export", "verify"])
+def test_a_factory_named_by_a_received_run_runs_no_code_without_trust(command, tmp_path, tiny_run, tiny_engine,
+                                                                       monkeypatch):
+    monkeypatch.delenv("EDGETOOL_TRUST_FACTORY", raising=False)
+    marker = tmp_path / "pwned"
+    run = _edit_run(tiny_run, tmp_path / "run", _os_system_factory(marker))
+    target = run if command == "fuse-export" else _point_engine_at(tiny_engine, tmp_path / "eng", run)
+    args = ["--out", tmp_path / "out"] if command == "fuse-export" else ["--engine", "onnxruntime"]
+    result = cli(command, target, *args)
+    assert_one_line_error(result, "names model factory 'os:system'", "--trust-factory os", "EDGETOOL_TRUST_FACTORY")
+    assert not marker.exists()
+
+
+def test_a_trusted_factory_is_imported(tmp_path, tiny_run, monkeypatch):
+    """The flag and the variable are what let it run (and only for the module they name)."""
+    marker = tmp_path / "ran"
+    run = _edit_run(tiny_run, tmp_path / "run", _os_system_factory(marker))
+    monkeypatch.setenv("EDGETOOL_TRUST_FACTORY", "numpy")  # another module: not trusted
+    assert_one_line_error(cli("fuse-export", run, "--out", tmp_path / "a"), "--trust-factory os")
+    assert not marker.exists()
+    result = cli("fuse-export", run, "--out", tmp_path / "b", "--trust-factory", "os")
+    assert marker.exists()  # os.system ran; it returns an int, not a model: exit 2
+    assert_one_line_error(result, "returned int, not an nn.Module")
+    marker.unlink()
+    monkeypatch.setenv("EDGETOOL_TRUST_FACTORY", "numpy, os")
+    assert_one_line_error(cli("fuse-export", run, "--out", tmp_path / "c"), "returned int")
+    assert marker.exists()
+
+
+def test_an_edited_recipe_yaml_is_refused_like_an_edited_adapter(tmp_path, tiny_run):
+    def loosen(recipe):
+        recipe["fuse"]["atol"] = 1.0
+    run = _edit_run(tiny_run, tmp_path / "run", loosen, reseal=False)
+    assert_one_line_error(cli("fuse-export", run, "--out", tmp_path / "out"), "recipe.yaml changed since this run was written")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_fuse_report_cannot_send_verify_to_another_run(tmp_path, tiny_run, tiny_engine):
+    other = _edit_run(tiny_run, tmp_path / "other", lambda r: r["verify"].update(iterations=3))
+    eng = tmp_path / "eng"
+    shutil.copytree(tiny_engine, eng)
+    rep = json.loads((eng / "fuse_report.json").read_text())
+    (eng / "fuse_report.json").write_text(json.dumps({**rep, "run_dir": str(other)}))
+    assert_one_line_error(cli("verify", eng, "--engine", "onnxruntime"), "is not the adapter.pt", "names another run")
+    rep.pop("adapter_sha256")  # and a report without the hash fails closed
+    (eng / "fuse_report.json").write_text(json.dumps({**rep, "run_dir": str(other)}))
+    assert_one_line_error(cli("verify", eng, "--engine", "onnxruntime"), "records no sha256 of the run's adapter.pt")
