@@ -110,3 +110,94 @@ def test_the_fuse_report_cannot_send_verify_to_another_run(tmp_path, tiny_run, t
     rep.pop("adapter_sha256")  # and a report without the hash fails closed
     (eng / "fuse_report.json").write_text(json.dumps({**rep, "run_dir": str(other)}))
     assert_one_line_error(cli("verify", eng, "--engine", "onnxruntime"), "records no sha256 of the run's adapter.pt")
+
+
+# ---------------------------------------------------------------------------------------------- 2. links are not followed
+
+
+def test_a_lock_file_planted_as_a_symlink_is_refused_and_its_target_untouched(tmp_path, tiny_run):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    engines = tmp_path / "ENGINES"
+    engines.mkdir()
+    (engines / ".lk.lock").symlink_to(victim)
+    result = cli("fuse-export", tiny_run, "--out", engines / "lk")
+    assert_one_line_error(result, ".lk.lock is a symbolic link", "refusing to follow it")
+    assert victim.read_text() == "precious\n" and not (engines / "lk").exists()
+
+
+def test_a_lock_file_planted_as_a_hard_link_is_refused(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    os.link(victim, tmp_path / ".out.lock")
+    with pytest.raises(EdgetoolError, match="is a hard link to another file"):
+        with artifacts.output_lock(tmp_path / "out"):
+            pass
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_stale_temp_planted_as_a_link_is_removed_never_followed(tmp_path):
+    """A dead writer's `.old-<pid>` that is a link to some directory is not moved into place as the output."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_text("x")
+    dead = _dead_pid()
+    (tmp_path / f".out.old-{dead}").symlink_to(elsewhere)
+    (tmp_path / f".out.tmp-{dead}-abc").symlink_to(elsewhere)
+    artifacts.remove_stale_temps(tmp_path / "out")
+    assert not os.path.lexists(tmp_path / "out") and sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere"]
+    assert (elsewhere / "keep").read_text() == "x"
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+# ---------------------------------------------------------------------------------------------- 3. inputs are never replaced
+
+
+def test_adapt_into_a_run_dir_holding_its_data_refuses_and_keeps_the_data(tmp_path, tiny_run, tiny_checkpoint):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    data = run / "data.npz"
+    from toolchain.data.protocol import load_data
+    from toolchain.recipe import load_recipe
+    bundle = load_data(load_recipe(tiny_run / "recipe.yaml").data, 0)
+    X = np.concatenate([bundle.source_train.X, bundle.target_test.X])
+    np.savez(data, X=X, y=np.zeros(len(X), np.int64), domain=np.r_[np.zeros(len(bundle.source_train.X)),
+                                                                       np.ones(len(bundle.target_test.X))])
+    raw = tiny_recipe_dict(tiny_checkpoint)
+    raw["data"] = {"format": "npz", "train_path": str(data), "source_domains": [0], "target_domains": [1]}
+    recipe = write_recipe(tmp_path / "r.yaml", raw)
+    before = data.read_bytes()
+    result = cli("adapt", recipe, "--out", run, "--quiet")
+    assert_one_line_error(result, f"would replace the training data (data.train_path) {data} inside it")
+    assert data.read_bytes() == before
+
+
+def test_fuse_export_into_a_dir_holding_the_base_checkpoint_refuses_and_keeps_it(tmp_path, tiny_run, tiny_engine,
+                                                                                tiny_checkpoint):
+    eng = tmp_path / "eng"
+    shutil.copytree(tiny_engine, eng)
+    ckpt = eng / "base.pt"
+    shutil.copy(tiny_checkpoint, ckpt)
+    run = _edit_run(tiny_run, tmp_path / "run", lambda r: r["model"].update(checkpoint=str(ckpt)))
+    result = cli("fuse-export", run, "--out", eng)
+    assert_one_line_error(result, f"would replace the base checkpoint (model.checkpoint) {ckpt} inside it")
+    assert ckpt.read_bytes() == tiny_checkpoint.read_bytes()
+
+
+def test_the_recipe_and_inputs_file_are_inputs_too(tmp_path, tiny_run, tiny_checkpoint):
+    out = tmp_path / "out"
+    shutil.copytree(tiny_run, out)
+    recipe = write_recipe(out / "mine.yaml", tiny_recipe_dict(tiny_checkpoint))
+    assert_one_line_error(cli("adapt", recipe, "--out", out, "--quiet"), f"would replace the recipe {recipe}")
+    assert recipe.is_file()
+    eng = tmp_path / "eng"
+    assert cli("fuse-export", tiny_run, "--out", eng).exit_code == 0
+    np.savez(eng / "more.npz", X=np.zeros((2, 6, 100), np.float32))
+    assert_one_line_error(cli("fuse-export", tiny_run, "--out", eng, "--inputs", eng / "more.npz"),
+                          "would replace the --inputs file")
+    assert (eng / "more.npz").is_file()

@@ -4,6 +4,7 @@ interrupted or failed stage never leaves a half-written file or directory that l
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -11,6 +12,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -70,7 +72,7 @@ def check_output_dir(out: Path | str, own_files: tuple[str, ...], what: str,
     for noun, path in protected:
         path = Path(path).resolve()
         if out == path or out in path.parents:
-            reasons.append(f"would replace the {noun}: it is or contains the {noun} {path}")
+            reasons.append(f"would replace the {noun} {path}" + ("" if out == path else " inside it"))
     if reasons:
         raise EdgetoolError(f"output directory {out} {' and '.join(reasons)}; refusing to replace it (choose another --out)")
     _check_parent_writable(out)
@@ -83,35 +85,58 @@ def check_output_dir(out: Path | str, own_files: tuple[str, ...], what: str,
 
 
 def _lock_path(out: Path) -> Path:
+    if out == out.parent:  # "/" (or a drive root): no parent to rename it in, no name for its lock
+        raise EdgetoolError(f"output directory {out} is a filesystem root: it cannot be replaced; choose another --out")
     return out.with_name(f".{out.name}.lock")
 
 
+def _open_lock(lock: Path, out: Path) -> int:
+    """Open (creating) the lock file without following a link: a symbolic or hard link planted at its path
+    could point at any file, which the pid written into the lock would overwrite."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(lock, flags, 0o666 & ~_umask())
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise EdgetoolError(f"lock file {lock} is a symbolic link: refusing to follow it (it could point at any "
+                                "file); remove it and run again") from None
+        raise EdgetoolError(f"cannot create the lock file {lock} for {out}: {exc.strerror or exc}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        kind = "a hard link to another file" if stat.S_ISREG(st.st_mode) else "not a regular file"
+        raise EdgetoolError(f"lock file {lock} is {kind}: refusing to write to it; remove it and run again")
+    return fd
+
+
 @contextlib.contextmanager
-def output_lock(out: Path | str) -> Iterator[Path]:
+def output_lock(out: Path | str, wait: bool = False, on_wait=None) -> Iterator[Path]:
     """Hold the right to write `out` for the block: a second edgetool process writing the same output
-    stops at once (exit 2) instead of both finishing and one result silently replacing the other.
+    stops at once (exit 2) instead of both finishing and one result silently replacing the other;
+    with `wait`, it waits for the first to finish instead (`on_wait(holder)` is called first).
 
     An flock on `.<name>.lock` beside `out`: the kernel drops it when the process dies, so a killed
     writer never leaves a stale lock. The file is removed on release; a process that opened it just
     before the removal re-checks that it locked the file still at that path."""
     out = Path(out).resolve()
-    _check_parent_writable(out)
     lock = _lock_path(out)
+    _check_parent_writable(out)
     while True:
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
-        except OSError as exc:
-            raise EdgetoolError(f"cannot create the lock file {lock} for {out}: {exc.strerror or exc}") from None
+        fd = _open_lock(lock, out)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            os.close(fd)
             by = f" (process {holder})" if holder.isdigit() else ""
-            raise EdgetoolError(f"another edgetool process{by} is writing {out}; wait for it to finish or choose "
-                                "another --out") from None
+            if not wait:
+                os.close(fd)
+                raise EdgetoolError(f"another edgetool process{by} is writing {out}; wait for it to finish or choose "
+                                    "another --out") from None
+            if on_wait is not None:
+                on_wait(holder if holder.isdigit() else None)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         try:
-            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+            same = os.path.samestat(os.fstat(fd), os.stat(lock, follow_symlinks=False))
         except FileNotFoundError:
             same = False
         if same:
@@ -169,13 +194,16 @@ def remove_stale_temps(final: Path | str) -> list[Path]:
             m = pattern.fullmatch(name[len(prefix):]) if name.startswith(prefix) else None
             if m is None or int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))):
                 continue
-            if pattern is _OLD_PID and not final.exists() and entry.is_dir():
-                os.replace(entry, final)
-            elif entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
+            is_dir = entry.is_dir() and not entry.is_symlink()  # a link is removed, never followed
+            try:
+                if pattern is _OLD_PID and is_dir and not os.path.lexists(final):
+                    os.replace(entry, final)
+                elif is_dir:
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
                     entry.unlink()
+            except OSError:  # gone already, or not ours to remove (a read-only directory): best effort
+                continue
             done.append(entry)
     return done
 

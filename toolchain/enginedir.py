@@ -53,15 +53,16 @@ def _export_dir(run_dir: Path, out: Path | None) -> Path:
     return Path(out) if out is not None else default_output("engines", run_dir.name, "the run directory's name")
 
 
-def check_export_dir(run_dir: Path, out: Path | None) -> Path:
-    """The directory fuse-export will write (default engines/<run name>), checked before any work."""
-    return check_output_dir(_export_dir(run_dir, out), (FUSE_REPORT,), WHAT, (("run directory", run_dir),))
+def check_export_dir(run_dir: Path, out: Path | None, inputs: tuple[tuple[str, Path], ...] = ()) -> Path:
+    """The directory fuse-export will write (default engines/<run name>), checked before any work:
+    never one holding the run directory or another of `inputs` (base checkpoint, data, --inputs)."""
+    return check_output_dir(_export_dir(run_dir, out), (FUSE_REPORT,), WHAT, (("run directory", run_dir), *inputs))
 
 
 @contextlib.contextmanager
-def claimed_export_dir(run_dir: Path, out: Path | None) -> Iterator[Path]:
+def claimed_export_dir(run_dir: Path, out: Path | None, inputs: tuple[tuple[str, Path], ...] = ()) -> Iterator[Path]:
     """check_export_dir, holding the output's lock for the block (one writer per engine directory)."""
-    with claimed_output(_export_dir(run_dir, out), (FUSE_REPORT,), WHAT, (("run directory", run_dir),)) as path:
+    with claimed_output(_export_dir(run_dir, out), (FUSE_REPORT,), WHAT, (("run directory", run_dir), *inputs)) as path:
         yield path
 
 

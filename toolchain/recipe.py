@@ -289,6 +289,14 @@ class Recipe(_Strict):
         # `method: {rank: 2}` means TT-LoRA, the method this tool is about.
         return {**v, "name": DEFAULT_METHOD} if isinstance(v, dict) and "name" not in v else v
 
+    def input_files(self) -> tuple[tuple[str, Path], ...]:
+        """(what, path) of every file this recipe reads: a stage refuses to replace an output directory
+        that holds one of them (replacing it would delete the input)."""
+        named = (("base checkpoint (model.checkpoint)", self.model.checkpoint),
+                 ("training data (data.train_path)", self.data.train_path),
+                 ("test data (data.test_path)", self.data.test_path), ("recipe", self.source))
+        return tuple((what, Path(path)) for what, path in named if path is not None)
+
     def resolved_dict(self) -> dict[str, Any]:
         """Everything with defaults filled in and absolute paths (a run directory records them relative to itself)."""
         return self.model_dump(mode="json", exclude={"source"})

@@ -47,7 +47,7 @@ def adapt(recipe: Recipe, out_dir: Path | None = None, progress: bool = True, ec
     device = training_device(recipe.train.device, recipe.train.precision, "train").device  # refuse before any work
     method_cfg = method_cfg or recipe.method
     out_dir = Path(out_dir) if out_dir is not None else default_output("runs", recipe.name)
-    with claimed_output(out_dir, RUN_FILES, WHAT, (("model.checkpoint", recipe.model.checkpoint),)):
+    with claimed_output(out_dir, RUN_FILES, WHAT, recipe.input_files()):
         return _adapt(recipe, out_dir, progress, echo, method_cfg, device)
 
 

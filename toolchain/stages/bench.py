@@ -151,8 +151,7 @@ def run_bench(recipe: Recipe, methods: list[str] | None = None, seeds: int | Non
     configs = method_configs(recipe, methods)
     grids = rate_grids(recipe, configs)
     out_dir = Path(out_dir) if out_dir is not None else default_output(Path("runs") / "bench", recipe.name)
-    with claimed_output(out_dir, BENCH_FILES, "an edgetool bench directory",
-                        (("model.checkpoint", recipe.model.checkpoint),)):
+    with claimed_output(out_dir, BENCH_FILES, "an edgetool bench directory", recipe.input_files()):
         return _run_bench(recipe, methods, n_seeds, configs, grids, out_dir, progress, echo, workers, began)
 
 

@@ -45,7 +45,8 @@ def fuse_export(run_dir: Path | str, out: Path | str | None = None, echo=print,
     `trust_factories`: model factories (modules) the run's recipe may name (see toolchain.rundir.load_run)."""
     run = load_run(run_dir, echo=echo, trust_factories=trust_factories)
     run_dir = run.path.resolve()
-    with claimed_export_dir(run_dir, None if out is None else Path(out)) as out:
+    used = (*run.recipe.input_files(), *((("--inputs file", Path(inputs)),) if inputs is not None else ()))
+    with claimed_export_dir(run_dir, None if out is None else Path(out), used) as out:
         return _fuse_export(run, run_dir, out, echo, inputs)
 
 
