@@ -201,3 +201,107 @@ def test_the_recipe_and_inputs_file_are_inputs_too(tmp_path, tiny_run, tiny_chec
     assert_one_line_error(cli("fuse-export", tiny_run, "--out", eng, "--inputs", eng / "more.npz"),
                           "would replace the --inputs file")
     assert (eng / "more.npz").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- 4, 5. one writer
+
+
+def _edgetool(*args, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-m", "toolchain.cli", *map(str, args)], env=env, text=True, **kw)
+
+
+def _hold_lock(out: Path) -> subprocess.Popen:
+    """Another process holding `out`'s lock (as a concurrent edgetool writing it would) until its stdin closes."""
+    code = ("import sys\nfrom toolchain.artifacts import output_lock\n"
+            "with output_lock(sys.argv[1]):\n    print('locked', flush=True)\n    sys.stdin.read()\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=env)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_second_adapt_waits_for_the_pretraining_and_uses_its_checkpoint(tmp_path, tiny_checkpoint):
+    """Two adapts pretraining the same missing base: the second waits for the first's checkpoint and
+    trains on it, instead of pretraining again and replacing it (which orphans the first run)."""
+    ckpt = tmp_path / "models" / "base.pt"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe_dict(ckpt, train={"steps": 2}))
+    first = _hold_lock(ckpt)  # the first adapt, pretraining
+    try:
+        second = _edgetool("adapt", recipe, "--out", tmp_path / "run", "--quiet", stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
+        line = second.stdout.readline()
+        assert "waiting for process" in line and str(ckpt) in line, (line, second.stderr.read() if second.poll() else "")
+        shutil.copy(tiny_checkpoint, ckpt.with_name("tmp.pt"))
+        os.replace(ckpt.with_name("tmp.pt"), ckpt)  # the first one's checkpoint lands
+    finally:
+        first.stdin.close()
+        first.wait(timeout=60)
+    out, err = second.communicate(timeout=300)
+    assert second.returncode == 0, out + err
+    assert "using the base checkpoint" in out and "pretraining it first" not in out
+    assert ckpt.read_bytes() == tiny_checkpoint.read_bytes()  # not replaced
+    payload = torch.load(tmp_path / "run" / "adapter.pt", weights_only=True)
+    assert payload["base_sha256"] == artifacts.sha256_file(tiny_checkpoint)
+
+
+def test_pretrain_refuses_a_checkpoint_being_written(tmp_path):
+    ckpt = tmp_path / "base.pt"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe_dict(ckpt))
+    holder = _hold_lock(ckpt)
+    try:
+        assert_one_line_error(cli("pretrain", recipe, "--quiet"), "another edgetool process", f"is writing {ckpt}")
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert not ckpt.exists()
+
+
+def test_verify_holds_the_engine_dirs_lock(tmp_path, tiny_engine):
+    """A verify and a fuse-export of the same engine directory never run together: verify takes the lock
+    fuse-export takes to replace the directory."""
+    eng = tmp_path / "eng"
+    shutil.copytree(tiny_engine, eng)
+    holder = _hold_lock(eng)  # a fuse-export rewriting it
+    try:
+        assert_one_line_error(cli("verify", eng, "--engine", "onnxruntime"), "another edgetool process", "is writing")
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert not (eng / "verify_report.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------- 7. nothing left behind
+
+
+def test_the_next_adapt_removes_a_killed_checkpoint_writes_temp(tmp_path, tiny_checkpoint):
+    ckpt = tmp_path / "base.pt"
+    shutil.copy(tiny_checkpoint, ckpt)
+    stale = tmp_path / f".base.pt.tmp-{_dead_pid()}-x1y2"
+    stale.write_bytes(b"\0" * (1 << 20))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe_dict(ckpt, train={"steps": 2}))
+    assert cli("adapt", recipe, "--out", tmp_path / "run", "--quiet").exit_code == 0
+    assert not stale.exists()
+
+
+def test_the_next_verify_removes_what_a_killed_verify_left(tmp_path, tiny_engine, monkeypatch):
+    import tempfile
+    scratch_root = tmp_path / "tmpdir"
+    scratch_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch_root))
+    dead = _dead_pid()
+    left = [scratch_root / f"edgetool-{dead}-unfused-abc", scratch_root / f"edgetool-{dead}-verify-def"]
+    for d in left:
+        d.mkdir()
+        (d / "unfused.onnx").write_bytes(b"\0" * 1000)
+    eng = tmp_path / "eng"
+    shutil.copytree(tiny_engine, eng)
+    report_tmp = eng / f".verify_report.json.tmp-{dead}-abc"
+    report_tmp.write_text("{")
+    plan_tmp = eng / f".fused.fp16.trt10.x.plan.tmp-{dead}-abc"
+    plan_tmp.write_bytes(b"\0")
+    result = cli("verify", eng, "--engine", "onnxruntime", "--iterations", "3", "--warmup", "0")
+    assert result.exit_code == 0, result.output
+    assert not report_tmp.exists() and not plan_tmp.exists()
+    assert list(scratch_root.iterdir()) == []  # the dead one's removed, its own gone with it

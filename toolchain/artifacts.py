@@ -208,6 +208,60 @@ def remove_stale_temps(final: Path | str) -> list[Path]:
     return done
 
 
+_ANY_TMP = re.compile(r"\..+\.tmp-(\d+)-[^/]+")
+
+
+def remove_stale_temps_in(directory: Path | str) -> list[Path]:
+    """Remove the temporary files (atomic_write_files': .<name>.tmp-<pid>-<random>) that writers no longer
+    alive left in `directory`, whatever file they were writing; links are removed, never followed."""
+    done = []
+    for entry in sorted(Path(directory).iterdir()):
+        m = _ANY_TMP.fullmatch(entry.name)
+        if m is None or int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                continue  # atomic_dir's: remove_stale_temps of that output handles them
+            entry.unlink()
+        except OSError:
+            continue
+        done.append(entry)
+    return done
+
+
+# Scratch directories in $TMPDIR carry the owner's pid too: edgetool-<pid>-<what>-<random>.
+_SCRATCH = re.compile(r"edgetool-(\d+)-.+")
+
+
+@contextlib.contextmanager
+def scratch_dir(what: str) -> Iterator[Path]:
+    """A temporary directory in $TMPDIR for the block, named with this process's pid, so that what a
+    killed process left there is recognised and removed by the next run (remove_stale_scratch)."""
+    with tempfile.TemporaryDirectory(prefix=f"edgetool-{os.getpid()}-{what}-") as tmp:
+        yield Path(tmp)
+
+
+def remove_stale_scratch() -> list[Path]:
+    """Remove this user's scratch directories in $TMPDIR whose process is no longer alive."""
+    root, done = Path(tempfile.gettempdir()), []
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return done
+    for entry in entries:
+        m = _SCRATCH.fullmatch(entry.name)
+        if m is None or pid_alive(int(m.group(1))):
+            continue
+        try:
+            st = entry.lstat()
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+            shutil.rmtree(entry, ignore_errors=True)
+            done.append(entry)
+    return done
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path | str) -> Iterator[Path]:
     """Yield a fresh temp directory next to `final`; on success it replaces `final` in one rename."""

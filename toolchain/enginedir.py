@@ -13,12 +13,14 @@ This module is the only one that spells these names."""
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from .artifacts import (atomic_dir, atomic_write_files, atomic_write_json, check_output_dir, claimed_output,
-                        default_output, json_bytes, read_json, sha256_file)
+                        default_output, json_bytes, output_lock, read_json, remove_stale_scratch,
+                        remove_stale_temps_in, sha256_file)
 from .errors import EdgetoolError
 from .rundir import ADAPTER_FILE, RECIPE_FILE
 
@@ -113,10 +115,31 @@ class EngineDir:
         atomic_write_files({self.report_path: json_bytes(report), self.junit_path: junit})
 
 
+def _not_found(engine_dir: Path) -> EdgetoolError:
+    return EdgetoolError(f"ENGINE_DIR not found: {engine_dir} (create it with `edgetool fuse-export RUN_DIR`)")
+
+
+@contextlib.contextmanager
+def verifying(engine_dir: Path | str) -> Iterator[None]:
+    """verify's hold on ENGINE_DIR for the block: the lock fuse-export takes to replace it, so the files
+    verify reads and the reports it writes are never replaced mid-way (a second writer stops, exit 2).
+    What a killed verify left (report temps, TensorRT plan temps, scratch in $TMPDIR) is removed."""
+    engine_dir = Path(engine_dir)
+    if not engine_dir.is_dir():
+        raise _not_found(engine_dir)
+    if not os.access(engine_dir, os.W_OK | os.X_OK):
+        raise EdgetoolError(f"ENGINE_DIR {engine_dir} is not writable (verify writes {VERIFY_REPORT} and "
+                            f"{VERIFY_JUNIT} there)")
+    with output_lock(engine_dir):
+        remove_stale_temps_in(engine_dir)
+        remove_stale_scratch()
+        yield
+
+
 def read_engine_dir(engine_dir: Path | str) -> EngineDir:
     engine_dir = Path(engine_dir)
     if not engine_dir.is_dir():
-        raise EdgetoolError(f"ENGINE_DIR not found: {engine_dir} (create it with `edgetool fuse-export RUN_DIR`)")
+        raise _not_found(engine_dir)
     report_path = engine_dir / FUSE_REPORT
     if not report_path.is_file():
         raise EdgetoolError(f"{engine_dir} is not an edgetool engine directory (no {FUSE_REPORT}); "

@@ -23,7 +23,6 @@ fused model's ONNX graph compared with the original's.
 from __future__ import annotations
 
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,8 @@ from pydantic import ValidationError
 from tqdm import tqdm
 
 from ..console import say, say_notes
-from ..artifacts import atomic_dir, atomic_write_json, atomic_write_text, claimed_output, default_output
+from ..artifacts import (atomic_dir, atomic_write_json, atomic_write_text, claimed_output, default_output,
+                         remove_stale_scratch, scratch_dir)
 from ..models.assembly import build_adapted, check_model_io, ensure_base_model, original_model
 from ..bench.jobs import Job, ReportInputs, RunPool, curve_subsample, report_run
 from ..bench.report import (MEASUREMENT, add_cost_ratios, convergence_table, count_text, markdown_table, mean_std, selection_fields,
@@ -174,7 +174,8 @@ def _run_bench(recipe: Recipe, methods: list[str], n_seeds: int, configs: dict[s
         check_validation(recipe, bundles)
     n_select = sum(len(g) for g in grids.values() if len(g) > 1) * n_seeds
     shown = _Progress(n_select + len(methods) * n_seeds, recipe.name, seed_values, progress, echo)
-    with tempfile.TemporaryDirectory(prefix="edgetool-bench-") as tmp, RunPool(workers, Path(tmp)) as pool:
+    remove_stale_scratch()  # what a killed bench left in $TMPDIR
+    with scratch_dir("bench") as tmp, RunPool(workers, tmp) as pool:
         try:
             chosen = select_rates(configs, grids, base, head_name, seed_values, bundles, pool, shown.selected)
             rates = {m: chosen[m]["lr"] if m in chosen else grids[m][0] for m in methods}

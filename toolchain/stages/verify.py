@@ -23,7 +23,6 @@ the sha256 of the engine files it verified, so a reader can tell whether it desc
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -32,13 +31,14 @@ from typing import Any, Iterable
 import numpy as np
 import onnx
 
+from ..artifacts import scratch_dir
 from ..console import say, say_notes
 from ..backends import select_backend
 from ..backends.base import Backend, Runner
 from ..backends.engine_inspect import compare_engine_layers
 from ..backends.timing import interleaved_rounds
 from ..enginedir import (FUSE_REPORT, VERIFY_JUNIT, VERIFY_REPORT, EngineDir, changed_since_export, engine_file_hashes,
-                         integrity_problems, read_engine_dir)
+                         integrity_problems, read_engine_dir, verifying)
 from ..errors import EdgetoolError, ParityError
 from ..metrics import predict_logits
 from ..proof.export import compare_graph_structure
@@ -61,9 +61,9 @@ def structure_checks(ed: EngineDir, backend: Backend) -> list[Check]:
         rep = compare_graph_structure(ed.onnx("original", precision), ed.onnx("fused", precision))
         msg = f"original and fused graphs: {same}" if rep.identical else "; ".join(rep.differences[:3])
         checks.append(check(f"structure.{precision}.graph_identical", rep.identical, msg))
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir("verify") as tmp:
         for precision in backend.accuracy_precisions():
-            paths = [backend.runtime_graph(ed, g, precision, Path(tmp)) for g in ("original", "fused")]
+            paths = [backend.runtime_graph(ed, g, precision, tmp) for g in ("original", "fused")]
             if None in paths:
                 continue
             graphs = [onnx.load(str(p)) for p in paths]
@@ -213,6 +213,13 @@ def verify(engine_dir: Path | str, engine: str = "auto", echo=print, iterations:
     (toolchain.backends.trtplan.BUILD_MODES). Without the run's data, checks run on seeded random windows plus
     `inputs` (an .npz with `X`). `trust_factories`: model factories the run's recipe may name (see
     toolchain.rundir.load_run)."""
+    with verifying(engine_dir):
+        return _verify(engine_dir, engine, echo, iterations, warmup, trt_build, inputs, allow_modified, trust_factories)
+
+
+def _verify(engine_dir: Path | str, engine: str, echo, iterations: int | None, warmup: int | None,
+            trt_build: str | None, inputs: Path | str | None, allow_modified: bool,
+            trust_factories: Iterable[str]) -> dict[str, Any]:
     t_start = time.perf_counter()
     ed = _open_engine_dir(engine_dir)
     hashes = engine_file_hashes(ed)
