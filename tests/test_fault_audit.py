@@ -305,3 +305,221 @@ def test_the_next_verify_removes_what_a_killed_verify_left(tmp_path, tiny_engine
     assert result.exit_code == 0, result.output
     assert not report_tmp.exists() and not plan_tmp.exists()
     assert list(scratch_root.iterdir()) == []  # the dead one's removed, its own gone with it
+
+
+# ---------------------------------------------------------------------------------------------- 6. exit 2 or 1, never 3
+
+
+class _FullDisk:
+    """io.open, but files opened for writing under `root` fail their first write with ENOSPC (after the file
+    was created, as a real full disk does)."""
+
+    def __init__(self, root: Path, real_open):
+        self.root, self.real_open = str(root), real_open
+
+    def __call__(self, file, mode="r", *args, **kwargs):
+        handle = self.real_open(file, mode, *args, **kwargs)
+        name = os.readlink(f"/proc/self/fd/{file}") if isinstance(file, int) else os.path.abspath(file)
+        if any(c in mode for c in "wax") and name.startswith(self.root):
+            return _NoSpace(handle)
+        return handle
+
+
+class _NoSpace:
+    def __init__(self, handle):
+        self.handle = handle
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+
+def _leftovers(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if ".tmp-" in p.name or ".old-" in p.name)
+
+
+@pytest.mark.parametrize("command", ["adapt", "fuse-export", "verify"])
+def test_a_full_disk_is_one_line_naming_the_device_and_leaves_nothing_partial(command, tmp_path, tiny_run, tiny_engine,
+                                                                              tiny_checkpoint, monkeypatch):
+    import io
+    out = tmp_path / "full"
+    out.mkdir()
+    if command == "adapt":
+        args = ["adapt", write_recipe(tmp_path / "r.yaml", tiny_recipe_dict(tiny_checkpoint, train={"steps": 2})),
+                "--out", out / "run", "--quiet"]
+    elif command == "fuse-export":
+        args = ["fuse-export", tiny_run, "--out", out / "eng"]
+    else:
+        shutil.copytree(tiny_engine, out / "eng")
+        args = ["verify", out / "eng", "--engine", "onnxruntime", "--iterations", "3", "--warmup", "0"]
+    before = sorted(p.name for p in out.rglob("*"))
+    monkeypatch.setattr(io, "open", _FullDisk(out, io.open))
+    result = cli(*args)
+    monkeypatch.undo()
+    assert_one_line_error(result, "no space left on", "mounted at", "nothing partial was kept")
+    assert sorted(p.name for p in out.rglob("*")) == before and _leftovers(out) == []
+
+
+def _mount_tiny_tmpfs(where: Path, size: str) -> str | None:
+    where.mkdir()
+    try:
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"cannot run mount: {exc}"
+    return None if res.returncode == 0 else f"mounting a tmpfs is not permitted here: {res.stderr.strip()}"
+
+
+def test_a_really_full_disk_in_fuse_export(tmp_path, tiny_run):
+    """The same on a real 64 KiB filesystem (where this test may mount one)."""
+    small = tmp_path / "small"
+    why = _mount_tiny_tmpfs(small, "64k")
+    if why:
+        pytest.skip(why)
+    try:
+        result = cli("fuse-export", tiny_run, "--out", small / "eng")
+        assert_one_line_error(result, "no space left on tmpfs mounted at " + str(small))
+        assert sorted(p.name for p in small.iterdir()) == []  # no lock, no temp, no half export
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
+def test_out_filesystem_root_is_refused(tmp_path, tiny_checkpoint):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe_dict(tiny_checkpoint))
+    assert_one_line_error(cli("adapt", recipe, "--out", "/", "--quiet"), "is a filesystem root")
+
+
+def _npz_with_forged_shape(path: Path, name: str, shape: tuple[int, ...], **others) -> Path:
+    """An .npz whose array `name` declares `shape` in its header but stores 8 bytes."""
+    import io
+    import zipfile
+    from numpy.lib import format as npy
+    with zipfile.ZipFile(path, "w") as zf:
+        buf = io.BytesIO()
+        npy.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": shape})
+        zf.writestr(f"{name}.npy", buf.getvalue() + b"\0" * 8)
+        for key, arr in others.items():
+            b = io.BytesIO()
+            np.save(b, arr)
+            zf.writestr(f"{key}.npy", b.getvalue())
+    return path
+
+
+def test_an_npz_header_declaring_a_huge_shape_is_refused_before_loading(tmp_path, tiny_checkpoint, tiny_run):
+    data = _npz_with_forged_shape(tmp_path / "d.npz", "X", (10 ** 12, 6, 100), y=np.zeros(4, np.int64))
+    raw = tiny_recipe_dict(tiny_checkpoint)
+    raw["data"] = {"format": "npz", "train_path": str(data), "source_domains": [0], "target_domains": [1]}
+    result = cli("adapt", write_recipe(tmp_path / "r.yaml", raw), "--out", tmp_path / "run", "--quiet")
+    assert_one_line_error(result, "array 'X' declares shape (1000000000000, 6, 100)", "stores 8 bytes")
+    inputs = _npz_with_forged_shape(tmp_path / "i.npz", "X", (10 ** 12, 6, 100))
+    assert_one_line_error(cli("fuse-export", tiny_run, "--out", tmp_path / "eng", "--inputs", inputs), "declares shape")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_weight_in_the_base_checkpoint_is_named(bad, tmp_path, tiny_checkpoint):
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    key = "features.1.body.0.weight"
+    ckpt["state_dict"][key][0, 0, 0] = bad
+    torch.save(ckpt, tmp_path / "base.pt")
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe_dict(tmp_path / "base.pt"))
+    kind = "NaN" if bad != bad else "Inf"
+    assert_one_line_error(cli("adapt", recipe, "--out", tmp_path / "run", "--quiet"),
+                          f"base checkpoint {tmp_path / 'base.pt'}: tensor '{key}' holds {kind} values")
+
+
+def test_batch_sizes_verify_cannot_run_are_refused_when_the_recipe_loads(tmp_path, tiny_checkpoint):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe_dict(tiny_checkpoint, verify={"batch_sizes": [1, 10 ** 9]}))
+    assert_one_line_error(cli("adapt", recipe, "--out", tmp_path / "run", "--quiet"),
+                          "field 'verify.batch_sizes': must list batch sizes from 1 to 65536")
+    assert not (tmp_path / "run").exists()
+
+
+def _other_length_export(dst: Path) -> None:
+    """fused.onnx (and its FP16 twin) from another run: same architecture, windows of 50 steps, not 100."""
+    from toolchain.models.backbones import ResNet1d
+    from toolchain.proof.export import export_onnx
+    export_onnx(ResNet1d(6, 4, width=8).eval(), torch.zeros(2, 6, 50), dst / "fused.onnx", 17)
+    shutil.copy(dst / "fused.onnx", dst / "fused.fp16.onnx")
+
+
+@pytest.mark.parametrize("case", ["another-input-length", "truncated"])
+def test_engine_files_no_runtime_can_run_fail_integrity_with_exit_1(case, tmp_path, tiny_engine):
+    eng = tmp_path / "eng"
+    shutil.copytree(tiny_engine, eng)
+    if case == "another-input-length":
+        _other_length_export(eng)
+        why = "takes 'input' shaped [batch, 6, 50], this export's graphs take [N, 6, 100]"
+    else:
+        data = (eng / "fused.onnx").read_bytes()
+        (eng / "fused.onnx").write_bytes(data[: len(data) // 2])
+        why = "fused.onnx cannot be read as an ONNX graph"
+    for extra in ([], ["--allow-modified"]):
+        result = cli("verify", eng, "--engine", "onnxruntime", *extra)
+        assert result.exit_code == 1, result.output
+        err = result.stderr.strip()
+        assert "\n" not in err and err.startswith("edgetool: error: parity check failed: integrity.")
+        report = json.loads((eng / "verify_report.json").read_text())
+        assert "integrity.io.fused.onnx" in report["failed_checks"] and report["verdict"] == "failed"
+        assert why in next(c["message"] for c in report["checks"] if c["name"] == "integrity.io.fused.onnx")
+
+
+# ---------------------------------------------------------------------------------------------- 8. one line, no noise
+
+
+def test_a_window_length_of_zero_is_one_line_without_numpy_warnings(tmp_path, tiny_checkpoint):
+    np.savez(tmp_path / "t0.npz", X=np.zeros((20, 6, 0), np.float32), y=np.repeat([0, 1], 10),
+             domain=np.tile([0, 1], 10))
+    raw = tiny_recipe_dict(tiny_checkpoint)
+    raw["data"] = {"format": "npz", "train_path": str(tmp_path / "t0.npz"), "source_domains": [0], "target_domains": [1]}
+    proc = _edgetool("adapt", write_recipe(tmp_path / "r.yaml", raw), "--out", tmp_path / "run", "--quiet",
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and err.strip() == f"edgetool: error: {tmp_path / 't0.npz'}: X must be windows [N, C, T] " \
+        "(or [N, C, H, W]) with no empty axis, got shape (20, 6, 0)", err
+
+
+def test_a_raw_pickle_checkpoint_is_one_line_without_torch_warnings(tmp_path, tiny_checkpoint):
+    import pickle
+    (tmp_path / "base.pt").write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe_dict(tmp_path / "base.pt"))
+    proc = _edgetool("adapt", recipe, "--out", tmp_path / "run", "--quiet", stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and len(err.strip().splitlines()) == 1, err
+    assert "cannot be read as a weights-only torch checkpoint" in err
+
+
+def test_library_warnings_are_kept_out_of_error_output(tmp_path, tiny_checkpoint, monkeypatch):
+    """Whatever warns before a failure: the error is the one line, and the warning is dropped."""
+    import warnings
+    import toolchain.stages.adapt as adapt_mod
+    real = adapt_mod.check_inputs_exist
+
+    def noisy(*a, **k):
+        warnings.warn("some library's warning", UserWarning)
+        return real(*a, **k)
+    monkeypatch.setattr(adapt_mod, "check_inputs_exist", noisy)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe_dict(tmp_path / "missing.pt",
+                                                                data={"format": "npz", "train_path": "nope.npz"}))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert_one_line_error(cli("adapt", recipe, "--out", tmp_path / "run"), "nope.npz")
+    assert not [w for w in seen if "some library" in str(w.message)]
+
+
+def test_a_directory_given_as_the_recipe_is_called_a_directory(tmp_path):
+    assert_one_line_error(cli("adapt", tmp_path), f"recipe {tmp_path} is a directory")
+
+
+def test_a_non_utf8_out_is_refused_before_any_work(tmp_path, tiny_run):
+    out = os.fsdecode(os.fsencode(tmp_path) + b"/eng\xff")
+    assert_one_line_error(cli("fuse-export", tiny_run, "--out", out), "is not valid UTF-8")
+    assert list(tmp_path.iterdir()) == []

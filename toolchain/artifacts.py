@@ -26,6 +26,41 @@ def _umask() -> int:
     return mask
 
 
+# ---------------------------------------------------------------------------------------------- a full disk
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def device_of(path: Path | str) -> str:
+    """The filesystem holding `path`, as the user knows it: '<source> mounted at <mount point>'."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    mount = p
+    while not os.path.ismount(mount):
+        mount = mount.parent
+    source = None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 1 and fields[1].replace("\\040", " ") == str(mount):
+                source = fields[0]  # the last mount at a point is the one in effect
+    return f"{source} mounted at {mount}" if source else f"the filesystem mounted at {mount}"
+
+
+def os_error_message(exc: OSError, writing: Path | str | None = None) -> str:
+    """One line for a failed system call: a full disk names its device and what was being written."""
+    where = writing if writing is not None else exc.filename
+    if exc.errno in NO_SPACE:
+        quota = " (disk quota exceeded)" if exc.errno == errno.EDQUOT else ""
+        target = f" while writing {where}" if where is not None else ""
+        device = f" on {device_of(where)}" if where is not None else ""
+        return (f"no space left{device}{quota}{target}: nothing partial was kept; free some space or write "
+                "elsewhere (--out)")
+    text = exc.strerror or str(exc) or type(exc).__name__
+    return f"{text}: {where}" if where is not None else text
+
+
 def _check_parent_writable(path: Path) -> None:
     parent = path.parent
     try:
@@ -85,6 +120,12 @@ def check_output_dir(out: Path | str, own_files: tuple[str, ...], what: str,
 
 
 def _lock_path(out: Path) -> Path:
+    try:
+        str(out).encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8, kept as surrogates: ONNX Runtime and others refuse them
+        shown = str(out).encode("utf-8", "backslashreplace").decode()
+        raise EdgetoolError(f"output path {shown} is not valid UTF-8 (ONNX Runtime cannot open such paths); "
+                            "choose another --out") from None
     if out == out.parent:  # "/" (or a drive root): no parent to rename it in, no name for its lock
         raise EdgetoolError(f"output directory {out} is a filesystem root: it cannot be replaced; choose another --out")
     return out.with_name(f".{out.name}.lock")
@@ -273,6 +314,11 @@ def atomic_dir(final: Path | str) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in NO_SPACE:
+            raise EdgetoolError(os_error_message(exc, final)) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -311,10 +357,12 @@ def atomic_write_files(files: dict[Path, bytes]) -> None:
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
         for tmp, path in temps:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         for tmp, _ in temps:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+            raise EdgetoolError(os_error_message(exc, (temps[-1][1] if temps else next(iter(files), None)))) from None
         raise
 
 

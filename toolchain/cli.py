@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -49,6 +50,27 @@ def reports_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        # Libraries' warnings are held back while the command runs: shown after it when it succeeds, dropped
+        # when it fails, so an error is the one line that names the problem and not the noise before it.
+        with warnings.catch_warnings(record=True) as held:
+            try:
+                result = fn(*args, **kwargs)
+            except Exception:
+                for w in held:
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, registry={})
+                raise
+        for w in held:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, registry={})
+        return result
+
+    return reporting(wrapper)
+
+
+def reporting(fn):
+    """The one-line error and exit code of each kind of failure (see reports_errors)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except EdgetoolError as exc:
@@ -63,6 +85,18 @@ def reports_errors(fn):
         except KeyboardInterrupt:
             click.echo("edgetool: interrupted; no partial output was kept", err=True)
             sys.exit(130)
+        except OSError as exc:  # the environment (a full disk, a vanished file, permissions): not a bug of ours
+            if os.environ.get("EDGETOOL_DEBUG"):
+                raise
+            from .artifacts import os_error_message
+            click.echo(f"edgetool: error: {os_error_message(exc)}", err=True)
+            sys.exit(2)
+        except MemoryError:
+            if os.environ.get("EDGETOOL_DEBUG"):
+                raise
+            click.echo("edgetool: error: out of memory: the inputs or settings need more memory than this machine "
+                       "has (e.g. fewer or smaller windows, smaller verify.batch_sizes)", err=True)
+            sys.exit(2)
         except Exception as exc:  # an internal error: still one line unless debugging
             if os.environ.get("EDGETOOL_DEBUG"):
                 raise

@@ -132,6 +132,9 @@ class FuseConfig(_Strict):
                                       "the other FP16 criteria are verify's (one function judges both)")
 
 
+MAX_BATCH_SIZE = 65536
+
+
 class VerifyConfig(_Strict):
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 32])
     warmup: int = Field(20, ge=0)
@@ -166,6 +169,14 @@ class VerifyConfig(_Strict):
 
     def unused_fields(self) -> list[str]:
         return [f for f in ("atol", "rtol", "fp16_atol", "fp16_rtol") if getattr(self, f) is not None]
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _batch_sizes_bounded(cls, v: list[int]) -> list[int]:
+        # Checked when the recipe loads (adapt, fuse-export), not when verify allocates the batch.
+        if not v or any(b < 1 or b > MAX_BATCH_SIZE for b in v):
+            raise ValueError(f"must list batch sizes from 1 to {MAX_BATCH_SIZE}, got {v}")
+        return v
 
 
 # Training settings every method must share in a benchmark: equal step budgets, the same batches
@@ -344,6 +355,8 @@ def recipe_from_dict(raw: Any, base_dir: Path, where: str = "recipe") -> Recipe:
 
 def load_recipe(path: Path | str) -> Recipe:
     path = Path(path)
+    if path.is_dir():
+        raise EdgetoolError(f"recipe {path} is a directory: name the recipe's YAML file (e.g. {path / 'recipe.yaml'})")
     if not path.is_file():
         raise EdgetoolError(f"recipe not found: {path}")
     try:

@@ -32,12 +32,13 @@ from torch import nn
 from .console import say
 from .artifacts import atomic_dir, atomic_write_json, read_json, sha256_file
 from .models.assembly import ModelSpec, Shapes, build_adapted, load_base_model, original_model
+from .data.formats import check_npz_sizes
 from .data.protocol import DataBundle, load_data
 from .errors import EdgetoolError
 from .methods.base import AdaptationMethod
 from .methods.settings import MethodSettings
 from .models.backbones import check_factory_trusted
-from .models.checkpoints import read_base_checkpoint
+from .models.checkpoints import check_finite, load_weights_only, read_base_checkpoint
 from .plots import plot_f1_curves
 from .recipe import Recipe, load_recipe
 
@@ -140,11 +141,13 @@ def read_adapter(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise EdgetoolError(f"adapter not found: {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = load_weights_only(path)
     except Exception as exc:
         raise EdgetoolError(f"{path} cannot be read as a weights-only checkpoint ({type(exc).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != ADAPTER_FORMAT:
         raise EdgetoolError(f"{path} is not an edgetool adapter checkpoint")
+    if isinstance(payload.get("state"), dict):
+        check_finite(payload["state"], f"adapter {path}")
     return payload
 
 
@@ -284,6 +287,7 @@ def load_input_windows(path: Path | str, input_shape: tuple[int, ...]) -> np.nda
     path = Path(path)
     if not path.is_file():
         raise EdgetoolError(f"--inputs file not found: {path}")
+    check_npz_sizes(path)
     try:
         with np.load(path, allow_pickle=False) as z:
             if "X" not in getattr(z, "files", ()):

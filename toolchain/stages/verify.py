@@ -37,11 +37,11 @@ from ..backends import select_backend
 from ..backends.base import Backend, Runner
 from ..backends.engine_inspect import compare_engine_layers
 from ..backends.timing import interleaved_rounds
-from ..enginedir import (FUSE_REPORT, VERIFY_JUNIT, VERIFY_REPORT, EngineDir, changed_since_export, engine_file_hashes,
-                         integrity_problems, read_engine_dir, verifying)
+from ..enginedir import (EXPORT_FILES, FUSE_REPORT, VERIFY_JUNIT, VERIFY_REPORT, EngineDir, changed_since_export,
+                         engine_file_hashes, integrity_problems, read_engine_dir, verifying)
 from ..errors import EdgetoolError, ParityError
 from ..metrics import predict_logits
-from ..proof.export import compare_graph_structure
+from ..proof.export import compare_graph_structure, graph_io_problem
 from ..proof.fusion import fuse_model
 from ..proof.parity import (FAIL, INCONCLUSIVE, NOISE_FACTOR, PASS, WARNING, AccuracyResult, Check, LatencyVerdict,
                       accuracy_parity, check, criteria, junit_xml, latency_input, latency_stats,
@@ -124,6 +124,38 @@ def integrity_checks(ed: EngineDir, hashes: dict[str, str], allow_modified: bool
             checks.append(Check(f"integrity.{name}", FAIL, f"{problems[name]}: these are not the files fuse-export "
                                 "proved; rerun `edgetool fuse-export`, or pass --allow-modified if you edited it on purpose"))
     return checks
+
+
+def io_checks(ed: EngineDir) -> list[Check]:
+    """A failed check per exported file that no runtime could run on this export's inputs (damaged,
+    truncated, another export's graph): integrity failures, even with --allow-modified."""
+    checks = []
+    for name in EXPORT_FILES:
+        problem = graph_io_problem(ed.path / name, ed.input_name, ed.output_name, ed.input_shape)
+        if problem is not None:
+            checks.append(Check(f"integrity.io.{name}", FAIL, f"{problem}; rerun `edgetool fuse-export`"))
+    return checks
+
+
+def _stop_at_integrity(ed: EngineDir, checks: list[Check], hashes: dict[str, str], allow_modified: bool,
+                       t_start: float, echo) -> dict[str, Any]:
+    """Write the report of an ENGINE_DIR whose files cannot be run (only the integrity checks ran) and fail."""
+    failed = [c.name for c in checks if c.failed]
+    report = {"passed": False, "verdict": "failed", "failed_checks": failed, "inconclusive_checks": [],
+              "warnings": [], "stopped": "after the integrity checks: an exported file cannot be run",
+              "engine_files": hashes, "allow_modified": allow_modified,
+              "changed_since_export": changed_since_export(ed, hashes), "checks": [c.as_dict() for c in checks],
+              "engine_dir": str(ed.path.resolve()), "run_dir": str(ed.run_dir),
+              "seconds": time.perf_counter() - t_start}
+    ed.write_verify_reports(report, junit_xml(checks, "edgetool.verify", {
+        "engine_dir": str(ed.path.resolve()), "verdict": "failed", **{f"sha256.{f}": h for f, h in hashes.items()}}))
+    for c in checks:
+        if not c.passed:
+            say(echo, f"{c.name}: {c.message}  {c.verdict.upper()}")
+    say(echo, f"FAILED ({len(failed)} of {len(checks)}: {', '.join(failed)}): {len(checks)} checks -> "
+              f"{ed.report_path}, {ed.junit_path}")
+    first = next(c for c in checks if c.failed)
+    raise ParityError(f"parity check failed: {', '.join(failed)} ({first.message}); see {ed.report_path}")
 
 
 def _accuracy_phase(backend: Backend, ed: EngineDir, batch_sizes: tuple[int, ...], test, torch_out: dict[str, np.ndarray],
@@ -224,6 +256,9 @@ def _verify(engine_dir: Path | str, engine: str, echo, iterations: int | None, w
     ed = _open_engine_dir(engine_dir)
     hashes = engine_file_hashes(ed)
     checks = integrity_checks(ed, hashes, allow_modified)
+    unrunnable = io_checks(ed)
+    if unrunnable:  # nothing else can run on these files: the integrity verdict is the report (exit 1)
+        return _stop_at_integrity(ed, checks + unrunnable, hashes, allow_modified, t_start, echo)
     backend, selection = select_backend(engine)
     say(echo, f"engine: {backend.name} ({selection})")
     _apply_trt_build(backend, trt_build, echo)
