@@ -56,8 +56,7 @@ def reports_errors(fn):
             try:
                 result = fn(*args, **kwargs)
             except Exception:
-                for w in held:
-                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, registry={})
+                held.clear()
                 raise
         for w in held:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, registry={})
