@@ -288,7 +288,7 @@ def test_out_never_replaces_what_is_not_a_run(tmp_path, tiny_checkpoint):
     assert_one_line_error(cli("adapt", recipe_path, "--out", precious / "notes.txt", "--quiet"), "not a directory")
     inside = tiny_recipe_dict(tmp_path / "run" / "base.pt")
     result = cli("adapt", write_recipe(tmp_path / "inside.yaml", inside), "--out", tmp_path / "run", "--quiet")
-    assert_one_line_error(result, "contains the model.checkpoint")
+    assert_one_line_error(result, "would replace the base checkpoint (model.checkpoint)")
     assert not (tmp_path / "run").exists()
 
 
