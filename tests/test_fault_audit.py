@@ -523,3 +523,27 @@ def test_a_non_utf8_out_is_refused_before_any_work(tmp_path, tiny_run):
     out = os.fsdecode(os.fsencode(tmp_path) + b"/eng\xff")
     assert_one_line_error(cli("fuse-export", tiny_run, "--out", out), "is not valid UTF-8")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------- single-test rules
+
+
+@pytest.mark.parametrize("name", ["original.fp16.onnx", "fused.fp16.onnx"])
+def test_a_swapped_fp16_graph_fails_its_own_integrity_check(name, tmp_path, tiny_engine):
+    """The FP16 files are sealed like the FP32 ones: each swap fails integrity.<that file> (exit 1)."""
+    eng = tmp_path / "eng"
+    shutil.copytree(tiny_engine, eng)
+    other = "fused.fp16.onnx" if name.startswith("original") else "original.fp16.onnx"
+    shutil.copyfile(eng / other, eng / name)
+    result = cli("verify", eng, "--engine", "onnxruntime", "--iterations", "3", "--warmup", "0")
+    assert result.exit_code == 1, result.output
+    report = json.loads((eng / "verify_report.json").read_text())
+    assert report["failed_checks"][0] == f"integrity.{name}" and f"integrity.{other}" not in report["failed_checks"]
+
+
+def test_trust_is_scoped_to_the_module_named():
+    from toolchain.models.backbones import trusted_factory
+    assert trusted_factory("mypkg.models:build", ["mypkg"]) and trusted_factory("mypkg.models:build", ["mypkg.models"])
+    assert trusted_factory("mypkg.models:build", ["mypkg.models:build"])
+    assert not trusted_factory("mypkg.models:other", ["mypkg.models:build"])
+    assert not trusted_factory("mypkgx.models:build", ["mypkg"]) and not trusted_factory("os:system", ["o", ""])
