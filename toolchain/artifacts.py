@@ -226,10 +226,12 @@ def remove_stale_temps(final: Path | str) -> list[Path]:
     missing and its previous content sits in `.old-<pid>`: that is moved back instead. Returns what was
     removed or restored."""
     final = Path(final)
-    if not final.parent.is_dir():
+    try:
+        entries = sorted(final.parent.iterdir())
+    except OSError:  # no such directory, or not ours to list: nothing to clean
         return []
     done = []
-    for entry in sorted(final.parent.iterdir()):
+    for entry in entries:
         name = entry.name
         for prefix, pattern in ((f".{final.name}.tmp-", _TMP_PID), (f".{final.name}.old-", _OLD_PID)):
             m = pattern.fullmatch(name[len(prefix):]) if name.startswith(prefix) else None
@@ -255,8 +257,12 @@ _ANY_TMP = re.compile(r"\..+\.tmp-(\d+)-[^/]+")
 def remove_stale_temps_in(directory: Path | str) -> list[Path]:
     """Remove the temporary files (atomic_write_files': .<name>.tmp-<pid>-<random>) that writers no longer
     alive left in `directory`, whatever file they were writing; links are removed, never followed."""
+    try:
+        entries = sorted(Path(directory).iterdir())
+    except OSError:
+        return []
     done = []
-    for entry in sorted(Path(directory).iterdir()):
+    for entry in entries:
         m = _ANY_TMP.fullmatch(entry.name)
         if m is None or int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))):
             continue
