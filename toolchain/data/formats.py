@@ -287,7 +287,7 @@ def _load_npz_split(path: Path, classes: list[str] | None) -> tuple[Split, list[
         if key not in arrays:
             raise EdgetoolError(f"{path}: missing array '{key}' ({NPZ_LAYOUT})")
     X, y = arrays["X"], arrays["y"]
-    if X.ndim < 3 or 0 in X.shape[1:]:  # before any statistic is taken over an empty axis
+    if X.ndim >= 3 and 0 in X.shape[1:]:  # before any statistic is taken over an empty axis
         raise EdgetoolError(f"{path}: X must be windows [N, C, T] (or [N, C, H, W]) with no empty axis, got shape "
                             f"{X.shape}")
     if y.ndim != 1:

@@ -58,8 +58,8 @@ def check_finite(state: dict[str, Any], what: str) -> None:
     for name, value in state.items():
         if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
             kind = "NaN" if bool(torch.isnan(value).any()) else "Inf"
-            raise EdgetoolError(f"{what}: tensor '{name}' holds {kind} values: the file is damaged or its training "
-                                "diverged; use another checkpoint")
+            raise EdgetoolError(f"{what}: tensor '{name}' holds {kind} values (a weight must not be NaN or inf): the "
+                                "file is damaged or its training diverged")
 
 
 def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
