@@ -288,7 +288,7 @@ def test_out_never_replaces_what_is_not_a_run(tmp_path, tiny_checkpoint):
     assert_one_line_error(cli("adapt", recipe_path, "--out", precious / "notes.txt", "--quiet"), "not a directory")
     inside = tiny_recipe_dict(tmp_path / "run" / "base.pt")
     result = cli("adapt", write_recipe(tmp_path / "inside.yaml", inside), "--out", tmp_path / "run", "--quiet")
-    assert_one_line_error(result, "contains the model.checkpoint")
+    assert_one_line_error(result, "would replace the base checkpoint (model.checkpoint)")
     assert not (tmp_path / "run").exists()
 
 
@@ -397,7 +397,7 @@ def test_byo_conv2d_model_pretrain_then_adapt(tmp_path, byo_recipe):
     f1, acc = evaluate(user_model.eval(), data.target_test)
     assert (f1, acc) == (metrics["f1_before"], metrics["accuracy_before"])
 
-    run = load_run(tmp_path / "run")
+    run = load_run(tmp_path / "run", trust_factories=["fixtures_2d"])  # a run dir's factory runs only when trusted
     wrapped = [m for m in run.adapted.modules() if isinstance(m, TTLoRAConv)]
     assert len(wrapped) == 3 and all(isinstance(m.base, torch.nn.Conv2d) for m in wrapped)
     assert any(m.base.groups > 1 for m in wrapped)  # the depthwise Conv2d is adapted too

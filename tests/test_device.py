@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import assert_one_line_error, cli, tiny_recipe_dict, write_recipe
 
+from toolchain.artifacts import sha256_file
 from toolchain.training import device as devmod
 from toolchain.models.assembly import base_fingerprint, build_adapted, load_base_model
 from toolchain.data.protocol import load_data
@@ -239,6 +240,9 @@ def test_fuse_export_accepts_a_run_from_a_gpu_machine(tiny_run, tmp_path):
     recipe["train"].update(device="cuda:1", precision="fp16")
     recipe["pretrain"].update(device="cuda", precision="bf16")
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    # As the GPU machine wrote it: its adapter records that recipe's sha256.
+    payload = torch.load(run / "adapter.pt", weights_only=True)
+    torch.save({**payload, "recipe_sha256": sha256_file(run / "recipe.yaml")}, run / "adapter.pt")
     result = cli("fuse-export", run, "--out", tmp_path / "eng")
     assert result.exit_code == 0, result.output
 

@@ -310,6 +310,9 @@ def _copy_run(tiny_run: Path, dst: Path, **recipe_changes) -> Path:
     for section, values in recipe_changes.items():
         raw[section].update(values)
     (dst / "recipe.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    # As if the run had been written with that recipe: its adapter records the recipe's sha256.
+    payload = torch.load(dst / "adapter.pt", weights_only=True)
+    torch.save({**payload, "recipe_sha256": sha256_file(dst / "recipe.yaml")}, dst / "adapter.pt")
     return dst
 
 

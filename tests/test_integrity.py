@@ -10,6 +10,7 @@ import xml.etree.ElementTree as ET
 
 import onnx
 import pytest
+import torch
 from click.testing import CliRunner
 
 from toolchain.artifacts import atomic_write_files, sha256_file
@@ -189,9 +190,13 @@ def test_warns_when_adaptation_lowered_f1_and_about_unused_recipe_keys(tiny_engi
     (run / "metrics.json").write_text(json.dumps({**metrics, "f1_before": 0.9, "f1_after": 0.6}))
     recipe = (run / "recipe.yaml").read_text()
     (run / "recipe.yaml").write_text(recipe.replace("verify:\n", "verify:\n  fp16_atol: 0.1\n", 1))
+    # A run written with those keys: its adapter and the fuse report record that recipe's sha256.
+    payload = torch.load(run / "adapter.pt", weights_only=True)
+    torch.save({**payload, "recipe_sha256": sha256_file(run / "recipe.yaml")}, run / "adapter.pt")
     eng = _copy(tiny_engine, tmp_path)
     rep = json.loads((eng / "fuse_report.json").read_text())
-    (eng / "fuse_report.json").write_text(json.dumps({**rep, "run_dir": str(run)}))
+    (eng / "fuse_report.json").write_text(json.dumps({**rep, "run_dir": str(run), "recipe_sha256": sha256_file(
+        run / "recipe.yaml"), "adapter_sha256": sha256_file(run / "adapter.pt")}))
     res, r = _verify(eng)
     assert res.exit_code == 0, res.output  # a warning, not a check
     assert "warning: adaptation lowered the target macro-F1 (0.900 -> 0.600" in res.stdout

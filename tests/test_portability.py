@@ -141,7 +141,7 @@ def test_old_run_with_absolute_paths_still_loads(project, tmp_path):
     recipe["data"]["test_path"] = str(project / "data" / "bm_TEST.ts")
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     payload = torch.load(run / "adapter.pt", weights_only=True)
-    for key in ("run_id", "recipe_name", "method_settings", "input_shape"):
+    for key in ("run_id", "recipe_name", "method_settings", "input_shape", "recipe_sha256"):
         payload.pop(key)
     payload["base_checkpoint"] = str(project / "models" / "base.pt")
     torch.save(payload, run / "adapter.pt")

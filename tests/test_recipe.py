@@ -86,7 +86,7 @@ def test_non_text_and_missing_recipes(tmp_path):
         load_recipe(tmp_path / "bin.yaml")
     with pytest.raises(EdgetoolError, match="recipe not found"):
         load_recipe(tmp_path / "absent.yaml")
-    with pytest.raises(EdgetoolError, match="recipe not found"):
+    with pytest.raises(EdgetoolError, match="is a directory: name the recipe's YAML file"):
         load_recipe(tmp_path)  # a directory is not a recipe
 
 

@@ -4,6 +4,7 @@ interrupted or failed stage never leaves a half-written file or directory that l
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -11,6 +12,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,6 +24,41 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# ---------------------------------------------------------------------------------------------- a full disk
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def device_of(path: Path | str) -> str:
+    """The filesystem holding `path`, as the user knows it: '<source> mounted at <mount point>'."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    mount = p
+    while not os.path.ismount(mount):
+        mount = mount.parent
+    source = None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 1 and fields[1].replace("\\040", " ") == str(mount):
+                source = fields[0]  # the last mount at a point is the one in effect
+    return f"{source} mounted at {mount}" if source else f"the filesystem mounted at {mount}"
+
+
+def os_error_message(exc: OSError, writing: Path | str | None = None) -> str:
+    """One line for a failed system call: a full disk names its device and what was being written."""
+    where = writing if writing is not None else exc.filename
+    if exc.errno in NO_SPACE:
+        quota = " (disk quota exceeded)" if exc.errno == errno.EDQUOT else ""
+        target = f" while writing {where}" if where is not None else ""
+        device = f" on {device_of(where)}" if where is not None else ""
+        return (f"no space left{device}{quota}{target}: nothing partial was kept; free some space or write "
+                "elsewhere (--out)")
+    text = exc.strerror or str(exc) or type(exc).__name__
+    return f"{text}: {where}" if where is not None else text
 
 
 def _check_parent_writable(path: Path) -> None:
@@ -70,7 +107,7 @@ def check_output_dir(out: Path | str, own_files: tuple[str, ...], what: str,
     for noun, path in protected:
         path = Path(path).resolve()
         if out == path or out in path.parents:
-            reasons.append(f"would replace the {noun}: it is or contains the {noun} {path}")
+            reasons.append(f"would replace the {noun} {path}" + ("" if out == path else " inside it"))
     if reasons:
         raise EdgetoolError(f"output directory {out} {' and '.join(reasons)}; refusing to replace it (choose another --out)")
     _check_parent_writable(out)
@@ -83,35 +120,64 @@ def check_output_dir(out: Path | str, own_files: tuple[str, ...], what: str,
 
 
 def _lock_path(out: Path) -> Path:
+    try:
+        str(out).encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8, kept as surrogates: ONNX Runtime and others refuse them
+        shown = str(out).encode("utf-8", "backslashreplace").decode()
+        raise EdgetoolError(f"output path {shown} is not valid UTF-8 (ONNX Runtime cannot open such paths); "
+                            "choose another --out") from None
+    if out == out.parent:  # "/" (or a drive root): no parent to rename it in, no name for its lock
+        raise EdgetoolError(f"output directory {out} is a filesystem root: it cannot be replaced; choose another --out")
     return out.with_name(f".{out.name}.lock")
 
 
+def _open_lock(lock: Path, out: Path) -> int:
+    """Open (creating) the lock file without following a link: a symbolic or hard link planted at its path
+    could point at any file, which the pid written into the lock would overwrite."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(lock, flags, 0o666 & ~_umask())
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise EdgetoolError(f"lock file {lock} is a symbolic link: refusing to follow it (it could point at any "
+                                "file); remove it and run again") from None
+        raise EdgetoolError(f"cannot create the lock file {lock} for {out}: {exc.strerror or exc}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        kind = "a hard link to another file" if stat.S_ISREG(st.st_mode) else "not a regular file"
+        raise EdgetoolError(f"lock file {lock} is {kind}: refusing to write to it; remove it and run again")
+    return fd
+
+
 @contextlib.contextmanager
-def output_lock(out: Path | str) -> Iterator[Path]:
+def output_lock(out: Path | str, wait: bool = False, on_wait=None) -> Iterator[Path]:
     """Hold the right to write `out` for the block: a second edgetool process writing the same output
-    stops at once (exit 2) instead of both finishing and one result silently replacing the other.
+    stops at once (exit 2) instead of both finishing and one result silently replacing the other;
+    with `wait`, it waits for the first to finish instead (`on_wait(holder)` is called first).
 
     An flock on `.<name>.lock` beside `out`: the kernel drops it when the process dies, so a killed
     writer never leaves a stale lock. The file is removed on release; a process that opened it just
     before the removal re-checks that it locked the file still at that path."""
     out = Path(out).resolve()
-    _check_parent_writable(out)
     lock = _lock_path(out)
+    _check_parent_writable(out)
     while True:
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
-        except OSError as exc:
-            raise EdgetoolError(f"cannot create the lock file {lock} for {out}: {exc.strerror or exc}") from None
+        fd = _open_lock(lock, out)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            os.close(fd)
             by = f" (process {holder})" if holder.isdigit() else ""
-            raise EdgetoolError(f"another edgetool process{by} is writing {out}; wait for it to finish or choose "
-                                "another --out") from None
+            if not wait:
+                os.close(fd)
+                raise EdgetoolError(f"another edgetool process{by} is writing {out}; wait for it to finish or choose "
+                                    "another --out") from None
+            if on_wait is not None:
+                on_wait(holder if holder.isdigit() else None)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         try:
-            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+            same = os.path.samestat(os.fstat(fd), os.stat(lock, follow_symlinks=False))
         except FileNotFoundError:
             same = False
         if same:
@@ -160,22 +226,85 @@ def remove_stale_temps(final: Path | str) -> list[Path]:
     missing and its previous content sits in `.old-<pid>`: that is moved back instead. Returns what was
     removed or restored."""
     final = Path(final)
-    if not final.parent.is_dir():
+    try:
+        entries = sorted(final.parent.iterdir())
+    except OSError:  # no such directory, or not ours to list: nothing to clean
         return []
     done = []
-    for entry in sorted(final.parent.iterdir()):
+    for entry in entries:
         name = entry.name
         for prefix, pattern in ((f".{final.name}.tmp-", _TMP_PID), (f".{final.name}.old-", _OLD_PID)):
             m = pattern.fullmatch(name[len(prefix):]) if name.startswith(prefix) else None
             if m is None or int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))):
                 continue
-            if pattern is _OLD_PID and not final.exists() and entry.is_dir():
-                os.replace(entry, final)
-            elif entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
+            is_dir = entry.is_dir() and not entry.is_symlink()  # a link is removed, never followed
+            try:
+                if pattern is _OLD_PID and is_dir and not os.path.lexists(final):
+                    os.replace(entry, final)
+                elif is_dir:
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
                     entry.unlink()
+            except OSError:  # gone already, or not ours to remove (a read-only directory): best effort
+                continue
+            done.append(entry)
+    return done
+
+
+_ANY_TMP = re.compile(r"\..+\.tmp-(\d+)-[^/]+")
+
+
+def remove_stale_temps_in(directory: Path | str) -> list[Path]:
+    """Remove the temporary files (atomic_write_files': .<name>.tmp-<pid>-<random>) that writers no longer
+    alive left in `directory`, whatever file they were writing; links are removed, never followed."""
+    try:
+        entries = sorted(Path(directory).iterdir())
+    except OSError:
+        return []
+    done = []
+    for entry in entries:
+        m = _ANY_TMP.fullmatch(entry.name)
+        if m is None or int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                continue  # atomic_dir's: remove_stale_temps of that output handles them
+            entry.unlink()
+        except OSError:
+            continue
+        done.append(entry)
+    return done
+
+
+# Scratch directories in $TMPDIR carry the owner's pid too: edgetool-<pid>-<what>-<random>.
+_SCRATCH = re.compile(r"edgetool-(\d+)-.+")
+
+
+@contextlib.contextmanager
+def scratch_dir(what: str) -> Iterator[Path]:
+    """A temporary directory in $TMPDIR for the block, named with this process's pid, so that what a
+    killed process left there is recognised and removed by the next run (remove_stale_scratch)."""
+    with tempfile.TemporaryDirectory(prefix=f"edgetool-{os.getpid()}-{what}-") as tmp:
+        yield Path(tmp)
+
+
+def remove_stale_scratch() -> list[Path]:
+    """Remove this user's scratch directories in $TMPDIR whose process is no longer alive."""
+    root, done = Path(tempfile.gettempdir()), []
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return done
+    for entry in entries:
+        m = _SCRATCH.fullmatch(entry.name)
+        if m is None or pid_alive(int(m.group(1))):
+            continue
+        try:
+            st = entry.lstat()
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+            shutil.rmtree(entry, ignore_errors=True)
             done.append(entry)
     return done
 
@@ -191,6 +320,11 @@ def atomic_dir(final: Path | str) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in NO_SPACE:
+            raise EdgetoolError(os_error_message(exc, final)) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -229,10 +363,12 @@ def atomic_write_files(files: dict[Path, bytes]) -> None:
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
         for tmp, path in temps:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         for tmp, _ in temps:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+            raise EdgetoolError(os_error_message(exc, (temps[-1][1] if temps else next(iter(files), None)))) from None
         raise
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -50,6 +51,26 @@ def reports_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        # Libraries' warnings are held back while the command runs: shown after it when it succeeds, dropped
+        # when it fails, so an error is the one line that names the problem and not the noise before it.
+        with warnings.catch_warnings(record=True) as held:
+            try:
+                result = fn(*args, **kwargs)
+            except Exception:
+                held.clear()
+                raise
+        for w in held:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, registry={})
+        return result
+
+    return reporting(wrapper)
+
+
+def reporting(fn):
+    """The one-line error and exit code of each kind of failure (see reports_errors)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except EdgetoolError as exc:
@@ -64,6 +85,18 @@ def reports_errors(fn):
         except KeyboardInterrupt:
             click.echo("edgetool: interrupted; no partial output was kept", err=True)
             sys.exit(130)
+        except OSError as exc:  # the environment (a full disk, a vanished file, permissions): not a bug of ours
+            if os.environ.get("EDGETOOL_DEBUG"):
+                raise
+            from .artifacts import os_error_message
+            click.echo(f"edgetool: error: {os_error_message(exc)}", err=True)
+            sys.exit(2)
+        except MemoryError:
+            if os.environ.get("EDGETOOL_DEBUG"):
+                raise
+            click.echo("edgetool: error: out of memory: the inputs or settings need more memory than this machine "
+                       "has (e.g. fewer or smaller windows, smaller verify.batch_sizes)", err=True)
+            sys.exit(2)
         except Exception as exc:  # an internal error: still one line unless debugging
             if os.environ.get("EDGETOOL_DEBUG"):
                 raise
@@ -128,18 +161,25 @@ INPUTS = click.option("--inputs", type=click.Path(path_type=Path),
                            "and instead of the data when the run's data files are not here.")
 
 
+TRUST = click.option("--trust-factory", "trust_factories", multiple=True, metavar="MODULE",
+                     help="Import the model factory the run's recipe names from MODULE (a package trusts its "
+                          "modules; repeatable; or EDGETOOL_TRUST_FACTORY=MODULE,...). A factory is code: one named "
+                          "by a run directory is never imported without this.")
+
+
 @main.command("fuse-export")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), help="Output directory (default: engines/<run name>).")
 @INPUTS
+@TRUST
 @reports_errors
-def fuse_export_cmd(run_dir: Path, out: Path | None, inputs: Path | None) -> None:
+def fuse_export_cmd(run_dir: Path, out: Path | None, inputs: Path | None, trust_factories: tuple[str, ...]) -> None:
     """Fuse the run's adapter into dense convs, prove equivalence, export original/fused ONNX (FP32 + FP16).
 
     Exit 0: every check passed; 1: a check failed (report in <out>.failed-report.json); 2: bad input."""
     from .stages.fuse_export import fuse_export
 
-    fuse_export(run_dir, out, echo=echo, inputs=inputs)
+    fuse_export(run_dir, out, echo=echo, inputs=inputs, trust_factories=trust_factories)
 
 
 @main.command("apply")
@@ -175,9 +215,10 @@ def apply_cmd(adapter: Path, recipe_path: Path, base: Path | None, out: Path) ->
                    "seeded random ones).")
 @click.option("--allow-modified", is_flag=True, help="Engine files edited since fuse-export are a warning "
               "(recorded in the report), not a failure.")
+@TRUST
 @reports_errors
 def verify_cmd(engine_dir: Path, engine: str, iterations: int | None, warmup: int | None, trt_build: str | None,
-               inputs: Path | None, allow_modified: bool) -> None:
+               inputs: Path | None, allow_modified: bool, trust_factories: tuple[str, ...]) -> None:
     """Prove the fused engine matches the fused PyTorch model (accuracy) and the original engine (latency).
 
     Writes ENGINE_DIR/verify_report.json and verify_junit.xml when every check ran. Exit 0 pass (latency may
@@ -186,7 +227,7 @@ def verify_cmd(engine_dir: Path, engine: str, iterations: int | None, warmup: in
     from .stages.verify import verify
 
     verify(engine_dir, engine, echo=echo, iterations=iterations, warmup=warmup, trt_build=trt_build, inputs=inputs,
-           allow_modified=allow_modified)
+           allow_modified=allow_modified, trust_factories=trust_factories)
 
 
 @main.command("bench")

@@ -13,14 +13,16 @@ This module is the only one that spells these names."""
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from .artifacts import (atomic_dir, atomic_write_files, atomic_write_json, check_output_dir, claimed_output,
-                        default_output, json_bytes, read_json, sha256_file)
+                        default_output, json_bytes, output_lock, read_json, remove_stale_scratch,
+                        remove_stale_temps_in, sha256_file)
 from .errors import EdgetoolError
-from .rundir import ADAPTER_FILE
+from .rundir import ADAPTER_FILE, RECIPE_FILE
 
 GRAPHS = ("original", "fused")
 PRECISIONS = ("fp32", "fp16")
@@ -53,15 +55,16 @@ def _export_dir(run_dir: Path, out: Path | None) -> Path:
     return Path(out) if out is not None else default_output("engines", run_dir.name, "the run directory's name")
 
 
-def check_export_dir(run_dir: Path, out: Path | None) -> Path:
-    """The directory fuse-export will write (default engines/<run name>), checked before any work."""
-    return check_output_dir(_export_dir(run_dir, out), (FUSE_REPORT,), WHAT, (("run directory", run_dir),))
+def check_export_dir(run_dir: Path, out: Path | None, inputs: tuple[tuple[str, Path], ...] = ()) -> Path:
+    """The directory fuse-export will write (default engines/<run name>), checked before any work:
+    never one holding the run directory or another of `inputs` (base checkpoint, data, --inputs)."""
+    return check_output_dir(_export_dir(run_dir, out), (FUSE_REPORT,), WHAT, (("run directory", run_dir), *inputs))
 
 
 @contextlib.contextmanager
-def claimed_export_dir(run_dir: Path, out: Path | None) -> Iterator[Path]:
+def claimed_export_dir(run_dir: Path, out: Path | None, inputs: tuple[tuple[str, Path], ...] = ()) -> Iterator[Path]:
     """check_export_dir, holding the output's lock for the block (one writer per engine directory)."""
-    with claimed_output(_export_dir(run_dir, out), (FUSE_REPORT,), WHAT, (("run directory", run_dir),)) as path:
+    with claimed_output(_export_dir(run_dir, out), (FUSE_REPORT,), WHAT, (("run directory", run_dir), *inputs)) as path:
         yield path
 
 
@@ -112,10 +115,31 @@ class EngineDir:
         atomic_write_files({self.report_path: json_bytes(report), self.junit_path: junit})
 
 
+def _not_found(engine_dir: Path) -> EdgetoolError:
+    return EdgetoolError(f"ENGINE_DIR not found: {engine_dir} (create it with `edgetool fuse-export RUN_DIR`)")
+
+
+@contextlib.contextmanager
+def verifying(engine_dir: Path | str) -> Iterator[None]:
+    """verify's hold on ENGINE_DIR for the block: the lock fuse-export takes to replace it, so the files
+    verify reads and the reports it writes are never replaced mid-way (a second writer stops, exit 2).
+    What a killed verify left (report temps, TensorRT plan temps, scratch in $TMPDIR) is removed."""
+    engine_dir = Path(engine_dir)
+    if not engine_dir.is_dir():
+        raise _not_found(engine_dir)
+    if not os.access(engine_dir, os.W_OK | os.X_OK):
+        raise EdgetoolError(f"ENGINE_DIR {engine_dir} is not writable (verify writes {VERIFY_REPORT} and "
+                            f"{VERIFY_JUNIT} there)")
+    with output_lock(engine_dir):
+        remove_stale_temps_in(engine_dir)
+        remove_stale_scratch()
+        yield
+
+
 def read_engine_dir(engine_dir: Path | str) -> EngineDir:
     engine_dir = Path(engine_dir)
     if not engine_dir.is_dir():
-        raise EdgetoolError(f"ENGINE_DIR not found: {engine_dir} (create it with `edgetool fuse-export RUN_DIR`)")
+        raise _not_found(engine_dir)
     report_path = engine_dir / FUSE_REPORT
     if not report_path.is_file():
         raise EdgetoolError(f"{engine_dir} is not an edgetool engine directory (no {FUSE_REPORT}); "
@@ -144,12 +168,30 @@ def read_engine_dir(engine_dir: Path | str) -> EngineDir:
     if not run_dir.is_dir():
         raise EdgetoolError(f"the run directory ENGINE_DIR was exported from, {run_dir} (recorded in {report_path}), "
                             "no longer exists; rerun `edgetool fuse-export RUN_DIR` on the run where it is now")
-    adapter = run_dir / ADAPTER_FILE
-    if "adapter_sha256" in rep and adapter.is_file() and sha256_file(adapter) != rep["adapter_sha256"]:
-        raise EdgetoolError(f"{adapter} changed since fuse-export wrote {engine_dir} (the run was adapted again): "
-                            f"these engines are of the earlier adapter; rerun `edgetool fuse-export {run_dir}`")
+    check_exported_from(run_dir, rep, engine_dir)
     return EngineDir(engine_dir, rep, run_dir, rep.get("input_name", "input"), rep.get("output_name", "logits"),
                      input_shape, opset)
+
+
+def check_exported_from(run_dir: Path, rep: dict[str, Any], engine_dir: Path) -> None:
+    """The run directory the fuse report names is the one these engines were exported from: its adapter.pt
+    (which records its recipe.yaml's sha256) and recipe.yaml have the sha256 the report records. Fails
+    closed: a report without the adapter's hash cannot show which run it belongs to, so editing `run_dir`
+    never sends verify to another run."""
+    if not isinstance(rep.get("adapter_sha256"), str):
+        raise EdgetoolError(f"{engine_dir / FUSE_REPORT} records no sha256 of the run's {ADAPTER_FILE}: it cannot show "
+                            "which run it was exported from; rerun `edgetool fuse-export RUN_DIR`")
+    for name, key in ((ADAPTER_FILE, "adapter_sha256"), (RECIPE_FILE, "recipe_sha256")):
+        path = run_dir / name
+        if key not in rep:
+            continue  # recipe_sha256: reports from before it was recorded (the adapter's hash covers it since)
+        if not path.is_file():
+            raise EdgetoolError(f"{run_dir}, the run directory {engine_dir / FUSE_REPORT} names, has no {name}: "
+                                f"rerun `edgetool fuse-export RUN_DIR` on the run these engines came from")
+        if sha256_file(path) != rep[key]:
+            raise EdgetoolError(f"{path} is not the {name} {engine_dir} was exported from (its sha256 is not the one "
+                                f"{FUSE_REPORT} records): it changed since fuse-export wrote the engines (the run was "
+                                f"adapted again), or the report names another run; rerun `edgetool fuse-export {run_dir}`")
 
 
 def engine_file_hashes(ed: EngineDir) -> dict[str, str]:

@@ -132,6 +132,9 @@ class FuseConfig(_Strict):
                                       "the other FP16 criteria are verify's (one function judges both)")
 
 
+MAX_BATCH_SIZE = 65536
+
+
 class VerifyConfig(_Strict):
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 32])
     warmup: int = Field(20, ge=0)
@@ -170,6 +173,14 @@ class VerifyConfig(_Strict):
 
     def unused_fields(self) -> list[str]:
         return [f for f in ("atol", "rtol", "fp16_atol", "fp16_rtol") if getattr(self, f) is not None]
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _batch_sizes_bounded(cls, v: list[int]) -> list[int]:
+        # Checked when the recipe loads (adapt, fuse-export), not when verify allocates the batch.
+        if not v or any(b < 1 or b > MAX_BATCH_SIZE for b in v):
+            raise ValueError(f"must list batch sizes from 1 to {MAX_BATCH_SIZE}, got {v}")
+        return v
 
 
 # Training settings every method must share in a benchmark: equal step budgets, the same batches
@@ -293,6 +304,14 @@ class Recipe(_Strict):
         # `method: {rank: 2}` means TT-LoRA, the method this tool is about.
         return {**v, "name": DEFAULT_METHOD} if isinstance(v, dict) and "name" not in v else v
 
+    def input_files(self) -> tuple[tuple[str, Path], ...]:
+        """(what, path) of every file this recipe reads: a stage refuses to replace an output directory
+        that holds one of them (replacing it would delete the input)."""
+        named = (("base checkpoint (model.checkpoint)", self.model.checkpoint),
+                 ("training data (data.train_path)", self.data.train_path),
+                 ("test data (data.test_path)", self.data.test_path), ("recipe", self.source))
+        return tuple((what, Path(path)) for what, path in named if path is not None)
+
     def resolved_dict(self) -> dict[str, Any]:
         """Everything with defaults filled in and absolute paths (a run directory records them relative to itself)."""
         return self.model_dump(mode="json", exclude={"source"})
@@ -340,6 +359,8 @@ def recipe_from_dict(raw: Any, base_dir: Path, where: str = "recipe") -> Recipe:
 
 def load_recipe(path: Path | str) -> Recipe:
     path = Path(path)
+    if path.is_dir():
+        raise EdgetoolError(f"recipe {path} is a directory: name the recipe's YAML file (e.g. {path / 'recipe.yaml'})")
     if not path.is_file():
         raise EdgetoolError(f"recipe not found: {path}")
     try:

@@ -22,7 +22,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -30,19 +30,22 @@ import yaml
 from torch import nn
 
 from .console import say
-from .artifacts import atomic_dir, atomic_write_json, read_json
+from .artifacts import atomic_dir, atomic_write_json, read_json, sha256_file
 from .models.assembly import ModelSpec, Shapes, build_adapted, load_base_model, original_model
+from .data.formats import check_npz_sizes
 from .data.protocol import DataBundle, load_data
 from .errors import EdgetoolError
 from .methods.base import AdaptationMethod
 from .methods.settings import MethodSettings
-from .models.checkpoints import read_base_checkpoint
+from .models.backbones import check_factory_trusted
+from .models.checkpoints import check_finite, load_weights_only, read_base_checkpoint
 from .plots import plot_f1_curves
 from .recipe import Recipe, load_recipe
 
 ADAPTER_FORMAT = "edgetool-adapter/1"
 RUN_FILES = ("recipe.yaml", "adapter.pt", "metrics.json")
 ADAPTER_FILE = "adapter.pt"
+RECIPE_FILE = "recipe.yaml"
 WHAT = "an edgetool run directory"
 # Recipe fields holding paths: (section, field).
 PATH_FIELDS = (("model", "checkpoint"), ("data", "train_path"), ("data", "test_path"))
@@ -96,7 +99,10 @@ def write_run(out_dir: Path, recipe: Recipe, method_cfg: MethodSettings, payload
         if resolved[section].get(key) is not None:
             absolute[f"{section}.{key}"] = resolved[section][key]
             resolved[section][key] = _relative(resolved[section][key], out_dir)
-    payload = {**payload, "base_checkpoint": _relative(payload["base_checkpoint"], out_dir)}
+    recipe_text = yaml.safe_dump(resolved, sort_keys=False).encode("utf-8")
+    # The recipe's hash rides in adapter.pt (as the run id does): an edited recipe.yaml is refused on load.
+    payload = {**payload, "base_checkpoint": _relative(payload["base_checkpoint"], out_dir),
+               "recipe_sha256": hashlib.sha256(recipe_text).hexdigest()}
     buf = io.BytesIO()
     torch.save(payload, buf)
     # What fuse-export needs to rebuild the models without the data, and what identifies the adapter.
@@ -105,7 +111,7 @@ def write_run(out_dir: Path, recipe: Recipe, method_cfg: MethodSettings, payload
                    head=payload["head"], absolute_paths=absolute)
     with atomic_dir(out_dir) as tmp:
         (tmp / ADAPTER_FILE).write_bytes(buf.getvalue())
-        (tmp / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        (tmp / "recipe.yaml").write_bytes(recipe_text)
         atomic_write_json(tmp / "metrics.json", metrics)
         if curve:
             plot_f1_curves({payload["method"]: curve}, tmp / "f1_curve.png", f"{recipe.name}: {payload['method']}",
@@ -135,11 +141,13 @@ def read_adapter(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise EdgetoolError(f"adapter not found: {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = load_weights_only(path)
     except Exception as exc:
         raise EdgetoolError(f"{path} cannot be read as a weights-only checkpoint ({type(exc).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != ADAPTER_FORMAT:
         raise EdgetoolError(f"{path} is not an edgetool adapter checkpoint")
+    if isinstance(payload.get("state"), dict):
+        check_finite(payload["state"], f"adapter {path}")
     return payload
 
 
@@ -206,20 +214,45 @@ def check_adapter_identity(adapter_path: Path, payload: dict[str, Any], recipe: 
                         "directory for this one with `edgetool apply`")
 
 
-def load_run(run_dir: Path | str, echo=None) -> AdaptedRun:
+def recipe_sha256(run_dir: Path) -> str:
+    return sha256_file(Path(run_dir) / RECIPE_FILE)
+
+
+def check_recipe_identity(run_dir: Path, payload: dict[str, Any], echo=None) -> None:
+    """recipe.yaml is the one this run wrote: its sha256 is the one adapter.pt records (runs written by an
+    edgetool before the hash was recorded: a note, as their adapters carry no run id either)."""
+    recorded = payload.get("recipe_sha256")
+    if recorded is None:
+        say(echo, f"note: {run_dir / ADAPTER_FILE} records no sha256 of {RECIPE_FILE} (written by an older edgetool): "
+                  "its recipe cannot be checked against edits")
+        return
+    sha = recipe_sha256(run_dir)
+    if sha != recorded:
+        raise EdgetoolError(f"{run_dir / RECIPE_FILE} changed since this run was written (sha256 {sha[:12]}, "
+                            f"{ADAPTER_FILE} records {str(recorded)[:12]}): the adapter belongs to the recipe it was "
+                            "trained with; put the run's own recipe.yaml back, or rerun `edgetool adapt`")
+
+
+def load_run(run_dir: Path | str, echo=None, trust_factories: Iterable[str] = ()) -> AdaptedRun:
+    """A run directory read back. It may come from another machine: its recipe.yaml must be the one its
+    adapter records, and a model factory it names is imported only when trusted here (`trust_factories`,
+    or $EDGETOOL_TRUST_FACTORY)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise EdgetoolError(f"run directory not found: {run_dir}")
     for name in RUN_FILES:
         if not (run_dir / name).is_file():
             raise EdgetoolError(f"{run_dir} is not {WHAT} (no {name}); create one with `edgetool adapt`")
-    recipe = load_recipe(run_dir / "recipe.yaml")  # relative paths resolve against the run directory
+    # Reading recipe.yaml (safe YAML into a schema) runs no code; its model factory is imported only later.
+    recipe = load_recipe(run_dir / RECIPE_FILE)  # relative paths resolve against the run directory
     metrics = read_json(run_dir / "metrics.json", "metrics")
     if not isinstance(metrics, dict):
         raise EdgetoolError(f"{run_dir / 'metrics.json'} is not a JSON object; rerun `edgetool adapt`")
-    locate_inputs(recipe, metrics, run_dir, echo)
     payload = read_adapter(run_dir / ADAPTER_FILE)
     check_adapter_identity(run_dir / ADAPTER_FILE, payload, recipe, metrics)
+    check_recipe_identity(run_dir, payload, echo)
+    check_factory_trusted(recipe.model, f"{run_dir / RECIPE_FILE}", trust_factories)
+    locate_inputs(recipe, metrics, run_dir, echo)
     data_note = data_missing(recipe)
     data: DataBundle | None = None
     if data_note is None:
@@ -254,6 +287,7 @@ def load_input_windows(path: Path | str, input_shape: tuple[int, ...]) -> np.nda
     path = Path(path)
     if not path.is_file():
         raise EdgetoolError(f"--inputs file not found: {path}")
+    check_npz_sizes(path)
     try:
         with np.load(path, allow_pickle=False) as z:
             if "X" not in getattr(z, "files", ()):

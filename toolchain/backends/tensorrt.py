@@ -10,14 +10,13 @@ import importlib
 import importlib.util
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..console import say
-from ..artifacts import atomic_write_bytes, atomic_write_json, sha256_file
+from ..artifacts import atomic_write_bytes, atomic_write_json, scratch_dir, sha256_file
 from ..enginedir import GRAPHS
 from ..errors import EdgetoolError
 from .base import (Availability, Backend, PolygraphyRunner, Runner, cause_of_failure, first_line, polygraphy_errors,
@@ -319,8 +318,8 @@ class TensorRTBackend(Backend):
         shape = tuple(ed.input_shape)
         # Polygraphy reads and extends the cache in place (with a .lock file beside it): let it work on a copy
         # in a temporary directory and put the result back atomically, so ENGINE_DIR never holds a torn cache.
-        with tempfile.TemporaryDirectory(prefix="edgetool-trt-") as tmp:
-            work = Path(tmp) / cache.name
+        with scratch_dir("trt") as tmp:
+            work = tmp / cache.name
             if cache.is_file():
                 shutil.copyfile(cache, work)
             with trt_calls(self._facts, f"could not build an engine from {onnx_path.name}"):

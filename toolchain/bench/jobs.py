@@ -20,11 +20,11 @@ Where runs go is an executor's choice (toolchain.bench.executors): `RunPool` her
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import copy
 import multiprocessing
 import os
 import pickle
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -36,6 +36,7 @@ import onnx
 import torch
 from torch import nn
 
+from ..artifacts import scratch_dir
 from ..models.assembly import build_adapted
 from ..data.formats import Split
 from ..data.protocol import DataBundle
@@ -119,7 +120,7 @@ def fusion_row(method, adapted: nn.Module, original: nn.Module, original_onnx: o
     row: dict[str, Any] = {"mergeable": True, "fused_max_abs_diff": proof.equivalence.max_abs_error,
                            "architecture_identical": not proof.architecture_differences,
                            "fusion_equivalent": proof.equivalence.passed}
-    with tempfile.TemporaryDirectory(prefix="edgetool-fused-") as tmp:  # this run's own: runs may share no disk
+    with scratch_dir("fused") as tmp:  # this run's own: runs may share no disk
         fused_onnx = export_onnx(proof.fused, sample, Path(tmp) / f"fused-{method.name}.onnx", recipe.fuse.opset)
     graph = compare_graph_structure(original_onnx, fused_onnx)
     reasons = list(proof.failures)
@@ -255,13 +256,12 @@ class RunPool:
         self.workers, self.batches = workers, 0
         self.workdir = Path(workdir) if workdir is not None else None
         self.pool: cf.ProcessPoolExecutor | None = None
-        self._own_dir: tempfile.TemporaryDirectory | None = None
+        self._own_dir = contextlib.ExitStack()
 
     def __enter__(self) -> "RunPool":
         if self.workers > 1:
             if self.workdir is None:
-                self._own_dir = tempfile.TemporaryDirectory(prefix="edgetool-bench-")
-                self.workdir = Path(self._own_dir.name)
+                self.workdir = self._own_dir.enter_context(scratch_dir("bench"))
             self.pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
                                                initializer=_worker_init, initargs=(os.getpid(),))
         return self
@@ -269,8 +269,7 @@ class RunPool:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=exc_type is None, cancel_futures=exc_type is not None)
-        if self._own_dir is not None:
-            self._own_dir.cleanup()
+        self._own_dir.close()
 
     def for_recipe(self, device: str) -> "RunPool":
         """The pool for one recipe's runs, which train on `device` (every local run sees this machine's devices)."""

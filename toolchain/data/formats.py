@@ -227,6 +227,35 @@ def _runs(*keys: np.ndarray) -> np.ndarray:
 NPZ_LAYOUT = "expected X [N, C, T], y [N], optional domain [N], group [N], class_names"
 
 
+def check_npz_sizes(path: Path) -> None:
+    """Every array in the .npz stores the bytes its header's shape declares: a damaged or forged header (a
+    huge shape) is refused in one line before numpy tries to allocate it."""
+    import math
+
+    from numpy.lib import format as npy
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with zf.open(info) as fh:
+                    version = npy.read_magic(fh)
+                    read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+                    shape, _, dtype = read(fh)
+                    header = fh.tell()
+                if dtype.hasobject:
+                    continue  # refused when loaded (allow_pickle=False), with its own message
+                declared = math.prod(shape) * dtype.itemsize
+                if declared != info.file_size - header:
+                    raise EdgetoolError(f"{path}: array '{info.filename[:-4]}' declares shape {tuple(shape)} ({declared} "
+                                        f"bytes) but stores {info.file_size - header} bytes: the file is damaged")
+    except EdgetoolError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
+        raise EdgetoolError(f"{path}: not a valid .npz (zip) archive ({type(exc).__name__}: {exc})") from None
+
+
 def _load_npz_split(path: Path, classes: list[str] | None) -> tuple[Split, list[str] | None]:
     if not path.is_file():
         raise EdgetoolError(f".npz file not found: {path}")
@@ -238,6 +267,7 @@ def _load_npz_split(path: Path, classes: list[str] | None) -> tuple[Split, list[
         raise EdgetoolError(f"{path}: a single .npy array, not an .npz archive ({NPZ_LAYOUT}; write it with np.savez)")
     if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         raise EdgetoolError(f"{path}: not a valid .npz (zip) archive ({NPZ_LAYOUT}; write it with np.savez)")
+    check_npz_sizes(path)
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {}
@@ -257,6 +287,9 @@ def _load_npz_split(path: Path, classes: list[str] | None) -> tuple[Split, list[
         if key not in arrays:
             raise EdgetoolError(f"{path}: missing array '{key}' ({NPZ_LAYOUT})")
     X, y = arrays["X"], arrays["y"]
+    if X.ndim >= 3 and 0 in X.shape[1:]:  # before any statistic is taken over an empty axis
+        raise EdgetoolError(f"{path}: X must be windows [N, C, T] (or [N, C, H, W]) with no empty axis, got shape "
+                            f"{X.shape}")
     if y.ndim != 1:
         raise EdgetoolError(f"{path}: y must be one-dimensional [N] class ids, got shape {y.shape}")
     if not np.issubdtype(y.dtype, np.integer):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..console import say
-from ..artifacts import sha256_file
+from ..artifacts import output_lock, remove_stale_temps, sha256_file
 from ..data.protocol import DataBundle
 from ..errors import EdgetoolError, first_line
 from ..methods.base import AdaptationMethod
@@ -111,10 +111,23 @@ def load_base_model(recipe: Recipe, data: Shapes, echo=print) -> tuple[nn.Module
 
 
 def ensure_base_model(recipe: Recipe, data: DataBundle, progress: bool = True, echo=print) -> tuple[nn.Module, str, str]:
-    """load_base_model, training the base on the source domain first when its checkpoint is missing."""
-    if not recipe.model.checkpoint.exists():
-        say(echo, f"base checkpoint {recipe.model.checkpoint} is missing: pretraining it first")
-        train_base(recipe, data, progress=progress, echo=echo)
+    """load_base_model, training the base on the source domain first when its checkpoint is missing.
+
+    One writer per checkpoint: pretraining holds the checkpoint's lock. A second process that finds it
+    missing waits for that lock, then uses the checkpoint the first one wrote (never overwrites it:
+    every adapter trained on it records its sha256)."""
+    ckpt = recipe.model.checkpoint
+    remove_stale_temps(ckpt)  # what a checkpoint write killed mid-way left beside it
+    if not ckpt.exists():
+        def waiting(pid):
+            say(echo, f"waiting for {f'process {pid}' if pid else 'another edgetool process'}, which is writing the "
+                      f"base checkpoint {ckpt}")
+        with output_lock(ckpt, wait=True, on_wait=waiting):
+            if ckpt.exists():
+                say(echo, f"using the base checkpoint {ckpt} another process has just pretrained")
+            else:
+                say(echo, f"base checkpoint {ckpt} is missing: pretraining it first")
+                train_base(recipe, data, progress=progress, echo=echo)
     return load_base_model(recipe, data, echo)
 
 

@@ -4,6 +4,8 @@ stays clean), bring-your-own factories and classifier-head handling."""
 from __future__ import annotations
 
 import importlib
+import os
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -86,6 +88,35 @@ class MobileNet1d(nn.Module):
 
 
 BUILTIN = {"resnet1d": ResNet1d, "mobilenet1d": MobileNet1d}
+
+
+# A factory is code: one named by a recipe inside a run or engine directory (an artifact that may come
+# from another machine) is imported only when this machine's user trusts its module, by --trust-factory
+# or this variable (comma-separated), the way `trust_remote_code` gates a model repository's code.
+TRUST_ENV = "EDGETOOL_TRUST_FACTORY"
+
+
+def trusted_factory(spec: str, trusted: Iterable[str] = ()) -> bool:
+    """Whether factory `spec` ('package.module:function') is trusted by an entry of `trusted` or of
+    $EDGETOOL_TRUST_FACTORY: 'package.module:function' trusts that factory, 'package.module' that module
+    and 'package' every module under it."""
+    module = spec.partition(":")[0]
+    entries = [*trusted, *os.environ.get(TRUST_ENV, "").split(",")]
+    for entry in (e.strip() for e in entries):
+        if entry and (entry == spec or entry == module or module.startswith(entry + ".")):
+            return True
+    return False
+
+
+def check_factory_trusted(cfg: ModelConfig, origin: str, trusted: Iterable[str] = ()) -> None:
+    """Refuse (exit 2) a factory named by `origin` (a recipe that arrived inside a run or engine
+    directory) unless the user trusts its module here: nothing is imported before this passes."""
+    if cfg.arch != "factory" or not cfg.factory or trusted_factory(cfg.factory, trusted):
+        return
+    module = cfg.factory.partition(":")[0]
+    raise EdgetoolError(f"{origin} names model factory '{cfg.factory}': importing it runs module '{module}''s code, and "
+                        f"a run or engine directory may come from anywhere; if you trust it on this machine, pass "
+                        f"--trust-factory {module} (or set {TRUST_ENV}={module})")
 
 
 def _import_factory(spec: str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +31,35 @@ def read_base_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise EdgetoolError(f"base checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_weights_only(path)
     except Exception as exc:  # pickle/zip errors: say what the file is not
         raise EdgetoolError(f"base checkpoint {path} cannot be read as a weights-only torch checkpoint ({type(exc).__name__})") from None
-    if isinstance(ckpt, dict) and ckpt.get("format") == BASE_FORMAT:
-        return ckpt
-    if isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        return {"format": "state_dict", "state_dict": ckpt}  # a plain state dict from the user
-    raise EdgetoolError(f"base checkpoint {path} is neither an edgetool checkpoint nor a state dict")
+    if isinstance(ckpt, dict) and ckpt.get("format") == BASE_FORMAT and isinstance(ckpt.get("state_dict"), dict):
+        pass
+    elif isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        ckpt = {"format": "state_dict", "state_dict": ckpt}  # a plain state dict from the user
+    else:
+        raise EdgetoolError(f"base checkpoint {path} is neither an edgetool checkpoint nor a state dict")
+    check_finite(ckpt["state_dict"], f"base checkpoint {path}")
+    return ckpt
+
+
+def load_weights_only(path: Path) -> Any:
+    """torch.load, weights only; torch's own warnings (e.g. on a file that is a raw pickle) are not shown:
+    the caller's one-line error says what the file is not."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def check_finite(state: dict[str, Any], what: str) -> None:
+    """Every floating-point tensor is finite: a NaN or Inf weight is named here, not found later as a failed
+    SVD or a diverged loss."""
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            kind = "NaN" if bool(torch.isnan(value).any()) else "Inf"
+            raise EdgetoolError(f"{what}: tensor '{name}' holds {kind} values (a weight must not be NaN or inf): the "
+                                "file is damaged or its training diverged")
 
 
 def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:

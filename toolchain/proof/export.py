@@ -118,6 +118,31 @@ def _load(model: onnx.ModelProto | Path | str) -> onnx.ModelProto:
         raise EdgetoolError(f"{model} is not a readable ONNX model ({type(exc).__name__}); rerun `edgetool fuse-export`") from None
 
 
+def graph_io_problem(path: Path | str, input_name: str, output_name: str, input_shape: tuple[int, ...]) -> str | None:
+    """Why the ONNX file at `path` is not a graph a runtime can run on this export's inputs (unreadable,
+    another input name or window shape, another output), or None. Its weights are not read."""
+    name = Path(path).name
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # a truncated or damaged file: protobuf's decode error
+        return f"{name} cannot be read as an ONNX graph ({type(exc).__name__}): it is damaged or truncated"
+    graph = proto.graph
+    initializers = {t.name for t in graph.initializer}
+    inputs = [v for v in graph.input if v.name not in initializers]
+    want = "[N, " + ", ".join(map(str, input_shape)) + "]"
+    if [v.name for v in inputs] != [input_name]:
+        return f"{name} takes inputs {[v.name for v in inputs]}, this export's graphs take '{input_name}' {want}"
+    dims = inputs[0].type.tensor_type.shape.dim
+    got = [d.dim_value if d.HasField("dim_value") else d.dim_param or "?" for d in dims]
+    fixed = [d for d in got[1:]]
+    if len(got) != len(input_shape) + 1 or any(isinstance(g, int) and g != w for g, w in zip(fixed, input_shape)):
+        return (f"{name} takes '{input_name}' shaped [{', '.join(map(str, got))}], this export's graphs take {want}: "
+                "it is another export's graph")
+    if [v.name for v in graph.output][:1] != [output_name]:
+        return f"{name} outputs {[v.name for v in graph.output]}, this export's graphs output '{output_name}'"
+    return None
+
+
 def _value_info_sig(v: onnx.ValueInfoProto) -> tuple:
     t = v.type.tensor_type
     dims = tuple(d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else "?")

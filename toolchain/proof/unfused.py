@@ -4,13 +4,13 @@ exports. Informational (verify reports it; no check rests on it)."""
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
+from ..artifacts import scratch_dir
 from ..console import say
 from ..backends.base import BACKENDS, Backend, Runner
 from ..backends.onnxruntime import ort_session
@@ -80,13 +80,13 @@ def unfused_comparison(adapted, fused, backend: Backend, ed: EngineDir, X: np.nd
     # The unfused graph runs on this backend when it can run a loose FP32 file; else on ONNX Runtime.
     timing = backend if backend.file_runner(ed.onnx("fused", "fp32"), "probe", ed) is not None else BACKENDS["onnxruntime"]()
     info: dict[str, Any] = {"fused_nodes": len(onnx.load(str(ed.onnx("fused", "fp32"))).graph.node)}
-    with tempfile.TemporaryDirectory() as tmp:
-        path, info["unfused_nodes"], note = _unfused_onnx(adapted, X[:1], ed.opset, Path(tmp))
+    with scratch_dir("unfused") as tmp:
+        path, info["unfused_nodes"], note = _unfused_onnx(adapted, X[:1], ed.opset, tmp)
         info["status"] = note or "exported and timed on ONNX Runtime (FP32) against fused.onnx"
         if path is not None:
-            info["unfused_nodes_after_ort_folding"] = _nodes_after_ort_folding(path, Path(tmp))
+            info["unfused_nodes_after_ort_folding"] = _nodes_after_ort_folding(path, tmp)
             # The same folding on fused.onnx, for a like-for-like count (it folds e.g. Clip's Constant bounds too).
-            info["fused_nodes_after_ort_folding"] = _nodes_after_ort_folding(ed.onnx("fused", "fp32"), Path(tmp))
+            info["fused_nodes_after_ort_folding"] = _nodes_after_ort_folding(ed.onnx("fused", "fp32"), tmp)
             with timing.file_runner(path, "unfused", ed) as ru, timing.runner(ed, "fused", "fp32", batch_sizes) as rf:
                 time_pair("onnxruntime", ru, rf)
         else:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..console import say, say_notes
-from ..artifacts import claimed_output, default_output, remove_stale_temps
+from ..artifacts import claimed_output, default_output, output_lock
 from ..models.assembly import build_adapted, check_model_io, ensure_base_model, original_model, train_base
 from ..data.protocol import DataBundle, load_data
 from ..errors import EdgetoolError
@@ -30,11 +30,16 @@ def pretrain(recipe: Recipe, data: DataBundle | None = None, progress: bool = Tr
     ckpt = recipe.model.checkpoint
     if ckpt.is_dir():
         raise EdgetoolError(f"recipe field 'model.checkpoint': {ckpt} is a directory; name the checkpoint file to write")
+    with output_lock(ckpt):  # one writer per checkpoint (adapt's pretraining takes the same lock)
+        return _pretrain(recipe, data, progress, echo, force)
+
+
+def _pretrain(recipe: Recipe, data: DataBundle | None, progress: bool, echo, force: bool) -> dict[str, Any]:
+    ckpt = recipe.model.checkpoint
     if ckpt.exists() and not force:
         raise EdgetoolError(f"base checkpoint {ckpt} exists; pretraining again would replace it and every adapter "
                             "trained on it would stop applying (they record its sha256); pass --force to replace it")
     training_device(recipe.pretrain.device, recipe.pretrain.precision, "pretrain")  # refuse before any work
-    remove_stale_temps(ckpt)  # a checkpoint write killed mid-way
     data = data or load_data(recipe.data, recipe.seed)
     say_notes(echo, data.notes)
     return train_base(recipe, data, progress=progress, echo=echo)
@@ -47,7 +52,7 @@ def adapt(recipe: Recipe, out_dir: Path | None = None, progress: bool = True, ec
     device = training_device(recipe.train.device, recipe.train.precision, "train").device  # refuse before any work
     method_cfg = method_cfg or recipe.method
     out_dir = Path(out_dir) if out_dir is not None else default_output("runs", recipe.name)
-    with claimed_output(out_dir, RUN_FILES, WHAT, (("model.checkpoint", recipe.model.checkpoint),)):
+    with claimed_output(out_dir, RUN_FILES, WHAT, recipe.input_files()):
         return _adapt(recipe, out_dir, progress, echo, method_cfg, device)
 
 

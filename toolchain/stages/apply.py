@@ -61,7 +61,7 @@ def apply(adapter: Path | str, recipe: Recipe, out_dir: Path | str, base: Path |
     if sha != payload.get("base_sha256"):
         raise EdgetoolError(f"{adapter} was trained on a base checkpoint with sha256 {payload.get('base_sha256')}, but "
                             f"{ckpt} has sha256 {sha}: an adapter applies only to the weights it was trained on")
-    with claimed_output(out_dir, RUN_FILES, WHAT, (("base checkpoint", ckpt), ("adapter", adapter))) as out:
+    with claimed_output(out_dir, RUN_FILES, WHAT, (*recipe.input_files(), ("adapter", adapter))) as out:
         return _apply(adapter, payload, recipe, Path(out_dir), out, sha, echo)
 
 

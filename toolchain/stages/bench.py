@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,8 @@ from pydantic import ValidationError
 from tqdm import tqdm
 
 from ..console import say, say_notes
-from ..artifacts import atomic_dir, atomic_write_json, atomic_write_text, claimed_output, default_output
+from ..artifacts import (atomic_dir, atomic_write_json, atomic_write_text, claimed_output, default_output,
+                         remove_stale_scratch, scratch_dir)
 from ..models.assembly import build_adapted, check_model_io, ensure_base_model, original_model
 from ..bench.executors import LocalExecutor
 from ..bench.jobs import Job, ReportInputs, curve_subsample, report_run
@@ -196,7 +196,7 @@ def run_benches(recipes: list[Recipe], methods: list[str] | None = None, seeds: 
     with contextlib.ExitStack() as claims:
         for p in planned:
             p.out_dir = claims.enter_context(claimed_output(p.out_dir, BENCH_FILES, "an edgetool bench directory",
-                                                            (("model.checkpoint", p.recipe.model.checkpoint),)))
+                                                            p.recipe.input_files()))
         written = []
         with executor.open() as pool:
             for p in planned:
@@ -230,11 +230,12 @@ def _run_bench(recipe: Recipe, methods: list[str], n_seeds: int, configs: dict[s
         check_validation(recipe, bundles)
     n_select = sum(len(g) for g in grids.values() if len(g) > 1) * n_seeds
     shown = _Progress(n_select + len(methods) * n_seeds, recipe.name, seed_values, progress, echo)
+    remove_stale_scratch()  # what a killed bench left in $TMPDIR
     try:
         chosen = select_rates(configs, grids, base, head_name, seed_values, bundles, pool, shown.selected)
         rates = {m: chosen[m]["lr"] if m in chosen else grids[m][0] for m in methods}
         curve_splits = [curve_subsample(b.target_test, recipe.bench.eval_subsample, recipe.seed) for b in bundles]
-        with tempfile.TemporaryDirectory(prefix="edgetool-bench-") as tmp:
+        with scratch_dir("bench") as tmp:
             original_onnx = export_onnx(original, torch.from_numpy(base_data.target_test.X[:1]),
                                         Path(tmp) / onnx_name("original", "fp32"), recipe.fuse.opset)
         inputs = ReportInputs(recipe, base, head_name, configs, seed_values, bundles, curve_splits, original, original_onnx)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -29,7 +29,8 @@ from ..errors import EdgetoolError, ParityError
 from ..proof.fusion import FusionProof, prove_fusion
 from ..metrics import macro_f1, predict_logits
 from ..proof.parity import accuracy_parity, criteria
-from ..rundir import ADAPTER_FILE, AdaptedRun, EvaluationInputs, evaluation_inputs, load_run, seeded_inputs
+from ..rundir import (ADAPTER_FILE, AdaptedRun, EvaluationInputs, evaluation_inputs, load_run, recipe_sha256,
+                      seeded_inputs)
 
 
 def _f1(y: np.ndarray | None, pred: np.ndarray) -> float | None:
@@ -37,13 +38,15 @@ def _f1(y: np.ndarray | None, pred: np.ndarray) -> float | None:
 
 
 def fuse_export(run_dir: Path | str, out: Path | str | None = None, echo=print,
-                inputs: Path | str | None = None) -> dict[str, Any]:
+                inputs: Path | str | None = None, trust_factories: Iterable[str] = ()) -> dict[str, Any]:
     """Fuse, check and export one run directory; returns the report. Raises ParityError (exit 1) when a
     check fails, after writing the report to `<out>.failed-report.json`. `inputs`: an .npz whose `X`
-    holds more windows to prove equivalence on (and to check on at all when the run's data is missing)."""
-    run = load_run(run_dir, echo=echo)
+    holds more windows to prove equivalence on (and to check on at all when the run's data is missing).
+    `trust_factories`: model factories (modules) the run's recipe may name (see toolchain.rundir.load_run)."""
+    run = load_run(run_dir, echo=echo, trust_factories=trust_factories)
     run_dir = run.path.resolve()
-    with claimed_export_dir(run_dir, None if out is None else Path(out)) as out:
+    used = (*run.recipe.input_files(), *((("--inputs file", Path(inputs)),) if inputs is not None else ()))
+    with claimed_export_dir(run_dir, None if out is None else Path(out), used) as out:
         return _fuse_export(run, run_dir, out, echo, inputs)
 
 
@@ -102,6 +105,7 @@ def _fusion_report(run: AdaptedRun, run_dir: Path, out: Path, proof: FusionProof
         "recipe": os.path.relpath(run_dir / "recipe.yaml", out),
         # verify refuses engines exported from an earlier adapter.pt (the run dir re-adapted since).
         "adapter_sha256": sha256_file(run_dir / ADAPTER_FILE),
+        "recipe_sha256": recipe_sha256(run_dir),
         "method": run.method.name,
         "opset": cfg.opset,
         "input_name": ex.INPUT_NAME,

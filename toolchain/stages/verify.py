@@ -26,25 +26,25 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import onnx
 
+from ..artifacts import scratch_dir
 from ..console import say, say_notes
 from ..backends import select_backend
 from ..backends.base import Backend, Runner
 from ..backends.engine_inspect import compare_engine_layers
 from ..backends.timing import session_rounds
-from ..enginedir import (FUSE_REPORT, VERIFY_JUNIT, VERIFY_REPORT, EngineDir, changed_since_export, engine_file_hashes,
-                         integrity_problems, read_engine_dir)
+from ..enginedir import (EXPORT_FILES, FUSE_REPORT, VERIFY_JUNIT, VERIFY_REPORT, EngineDir, changed_since_export,
+                         engine_file_hashes, integrity_problems, read_engine_dir, verifying)
 from ..errors import EdgetoolError, ParityError
 from ..metrics import predict_logits
-from ..proof.export import compare_graph_structure, compare_runtime_graphs
+from ..proof.export import compare_graph_structure, compare_runtime_graphs, graph_io_problem
 from ..proof.fusion import fuse_model
 from ..proof.parity import (FAIL, INCONCLUSIVE, NOISE_FACTOR, PASS, WARNING, AccuracyResult, Check, LatencyVerdict,
                       accuracy_parity, check, criteria, junit_xml, latency_input, latency_stats,
@@ -64,9 +64,9 @@ def structure_checks(ed: EngineDir, backend: Backend) -> list[Check]:
         rep = compare_graph_structure(ed.onnx("original", precision), ed.onnx("fused", precision))
         msg = f"original and fused graphs: {same}" if rep.identical else "; ".join(rep.differences[:3])
         checks.append(check(f"structure.{precision}.graph_identical", rep.identical, msg))
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir("verify") as tmp:
         for precision in backend.accuracy_precisions():
-            paths = [backend.runtime_graph(ed, g, precision, Path(tmp)) for g in ("original", "fused")]
+            paths = [backend.runtime_graph(ed, g, precision, tmp) for g in ("original", "fused")]
             if None in paths:
                 continue
             graphs = [onnx.load(str(p)) for p in paths]
@@ -144,6 +144,38 @@ def integrity_checks(ed: EngineDir, hashes: dict[str, str], allow_modified: bool
             checks.append(Check(f"integrity.{name}", FAIL, f"{problems[name]}: these are not the files fuse-export "
                                 "proved; rerun `edgetool fuse-export`, or pass --allow-modified if you edited it on purpose"))
     return checks
+
+
+def io_checks(ed: EngineDir) -> list[Check]:
+    """A failed check per exported file that no runtime could run on this export's inputs (damaged,
+    truncated, another export's graph): integrity failures, even with --allow-modified."""
+    checks = []
+    for name in EXPORT_FILES:
+        problem = graph_io_problem(ed.path / name, ed.input_name, ed.output_name, ed.input_shape)
+        if problem is not None:
+            checks.append(Check(f"integrity.io.{name}", FAIL, f"{problem}; rerun `edgetool fuse-export`"))
+    return checks
+
+
+def _stop_at_integrity(ed: EngineDir, checks: list[Check], hashes: dict[str, str], allow_modified: bool,
+                       t_start: float, echo) -> dict[str, Any]:
+    """Write the report of an ENGINE_DIR whose files cannot be run (only the integrity checks ran) and fail."""
+    failed = [c.name for c in checks if c.failed]
+    report = {"passed": False, "verdict": "failed", "failed_checks": failed, "inconclusive_checks": [],
+              "warnings": [], "stopped": "after the integrity checks: an exported file cannot be run",
+              "engine_files": hashes, "allow_modified": allow_modified,
+              "changed_since_export": changed_since_export(ed, hashes), "checks": [c.as_dict() for c in checks],
+              "engine_dir": str(ed.path.resolve()), "run_dir": str(ed.run_dir),
+              "seconds": time.perf_counter() - t_start}
+    ed.write_verify_reports(report, junit_xml(checks, "edgetool.verify", {
+        "engine_dir": str(ed.path.resolve()), "verdict": "failed", **{f"sha256.{f}": h for f, h in hashes.items()}}))
+    for c in checks:
+        if not c.passed:
+            say(echo, f"{c.name}: {c.message}  {c.verdict.upper()}")
+    say(echo, f"FAILED ({len(failed)} of {len(checks)}: {', '.join(failed)}): {len(checks)} checks -> "
+              f"{ed.report_path}, {ed.junit_path}")
+    first = next(c for c in checks if c.failed)
+    raise ParityError(f"parity check failed: {', '.join(failed)} ({first.message}); see {ed.report_path}")
 
 
 def _accuracy_phase(backend: Backend, ed: EngineDir, batch_sizes: tuple[int, ...], test, torch_out: dict[str, np.ndarray],
@@ -234,20 +266,31 @@ def _warnings(run: AdaptedRun, cfg: VerifyConfig) -> list[str]:
 
 def verify(engine_dir: Path | str, engine: str = "auto", echo=print, iterations: int | None = None,
            warmup: int | None = None, trt_build: str | None = None, inputs: Path | str | None = None,
-           allow_modified: bool = False) -> dict[str, Any]:
+           allow_modified: bool = False, trust_factories: Iterable[str] = ()) -> dict[str, Any]:
     """Run every check, write verify_report.json and verify_junit.xml, print a summary; returns the report.
     Raises ParityError (exit 1) naming the failed checks, EdgetoolError (exit 2) for bad input/environment
     (then no report is written, and earlier ones stay). `trt_build`: how TensorRT builds its engines
     (toolchain.backends.trtplan.BUILD_MODES). Without the run's data, checks run on seeded random windows plus
-    `inputs` (an .npz with `X`)."""
+    `inputs` (an .npz with `X`). `trust_factories`: model factories the run's recipe may name (see
+    toolchain.rundir.load_run)."""
+    with verifying(engine_dir):
+        return _verify(engine_dir, engine, echo, iterations, warmup, trt_build, inputs, allow_modified, trust_factories)
+
+
+def _verify(engine_dir: Path | str, engine: str, echo, iterations: int | None, warmup: int | None,
+            trt_build: str | None, inputs: Path | str | None, allow_modified: bool,
+            trust_factories: Iterable[str]) -> dict[str, Any]:
     t_start = time.perf_counter()
     ed = _open_engine_dir(engine_dir)
     hashes = engine_file_hashes(ed)
     checks = integrity_checks(ed, hashes, allow_modified)
+    unrunnable = io_checks(ed)
+    if unrunnable:  # nothing else can run on these files: the integrity verdict is the report (exit 1)
+        return _stop_at_integrity(ed, checks + unrunnable, hashes, allow_modified, t_start, echo)
     backend, selection = select_backend(engine)
     say(echo, f"engine: {backend.name} ({selection})")
     _apply_trt_build(backend, trt_build, echo)
-    run, cfg, batch_sizes, test = _load_run_and_inputs(ed, iterations, warmup, inputs, echo)
+    run, cfg, batch_sizes, test = _load_run_and_inputs(ed, iterations, warmup, inputs, echo, trust_factories)
     warnings = _warnings(run, cfg) + [c.message for c in checks if c.verdict == WARNING]
     fused = fuse_model(run.method, run.adapted)
     torch_out = {g: predict_logits(m, test.X, max(batch_sizes)) for g, m in (("fused", fused), ("original", run.original))}
@@ -285,10 +328,11 @@ def _open_engine_dir(engine_dir: Path | str) -> EngineDir:
     return read_engine_dir(engine_dir)
 
 
-def _load_run_and_inputs(ed: EngineDir, iterations: int | None, warmup: int | None, inputs, echo):
+def _load_run_and_inputs(ed: EngineDir, iterations: int | None, warmup: int | None, inputs, echo,
+                         trust_factories: Iterable[str] = ()):
     """The run the engines came from, its verify settings (with the CLI's overrides) and the inputs to
     check on: the target test split, or without the data seeded windows plus `inputs`."""
-    run = load_run(ed.run_dir, echo=echo)
+    run = load_run(ed.run_dir, echo=echo, trust_factories=trust_factories)
     cfg = run.recipe.verify.model_copy()
     if iterations is not None:
         cfg.iterations = iterations
