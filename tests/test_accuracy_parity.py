@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from toolchain.proof.parity import ParityCriteria, accuracy_parity, criteria, output_error
+from toolchain.proof.parity import ParityCriteria, accuracy_parity, criteria, original_engine_check, output_error
 from toolchain.recipe import VerifyConfig, load_recipe
 
 FP16 = criteria(VerifyConfig(), "fp16")
@@ -132,3 +132,30 @@ def test_fuse_export_judges_fp16_with_the_same_function_and_criteria(tiny_engine
         assert p["min_agreement"] == recipe.fuse.fp16_min_agreement
         assert p["output_error_passed"] and p["baseline_valid"]
     assert rep["fp16_parity"]["storage"]["max_abs_error"] == pytest.approx(rep["fp16_max_abs_error"])
+
+
+def _original_check(eng_o, y=np.array([0, 1, 0, 1, 0, 1, 0, 1]), crit=FP32):
+    ref = np.tile(np.array([[2, 0], [0, 2]], dtype=np.float32), (4, 1))
+    res, _ = accuracy_parity(ref + 1e-7, ref, eng_o, ref, y, "fp32", crit)
+    return original_engine_check(res, "original.onnx")
+
+
+def test_original_engine_is_judged_against_the_original_model_by_each_rule():
+    """Each rule of the original engine's check on its own: agreement, F1 delta, scaled output error."""
+    ref = np.tile(np.array([[2, 0], [0, 2]], dtype=np.float32), (4, 1))
+    ok = _original_check(ref + 2e-7)
+    assert ok.name == "accuracy.fp32.original_engine" and ok.passed, ok.message
+    assert ok.message.startswith("original.onnx against the original model")
+    flipped = ref.copy(); flipped[0] = [1.0, 1.1]  # noqa: E702 -- one window flips, small error otherwise
+    c = _original_check(flipped)
+    assert c.failed and "argmax agreement 0.8750 < 1" in c.message
+    assert c.message.startswith("original.onnx does not compute the original model")
+    assert "F1" in c.message  # the flip also moves macro-F1
+    # an agreement threshold the flip meets: the F1 rule alone fails it (and without labels there is no F1)
+    loose = ParityCriteria(min_agreement=0.5, max_f1_delta=0.0, error_margin=4.0, error_floor=1.0)
+    c = _original_check(flipped, crit=loose)
+    assert c.failed and "|macro-F1 delta|" in c.message and "argmax" not in c.message
+    assert _original_check(flipped, y=None, crit=loose).passed
+    # every argmax right, but logits off by 1 % of their scale: the output error rule alone
+    c = _original_check(ref * 1.01)
+    assert c.failed and "max |error| 0.01 of max |logit|" in c.message and "argmax" not in c.message

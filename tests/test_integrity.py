@@ -8,6 +8,7 @@ import json
 import shutil
 import xml.etree.ElementTree as ET
 
+import onnx
 import pytest
 from click.testing import CliRunner
 
@@ -44,33 +45,56 @@ def test_swapped_original_fails_closed_naming_the_file(tiny_engine, tmp_path):
     err = res.stderr.strip()
     assert "\n" not in err and err.startswith("edgetool: error: parity check failed: integrity.original.onnx")
     assert "original.onnx changed since fuse-export sealed it" in err
-    assert r["failed_checks"] == ["integrity.original.onnx"] and r["verdict"] == "failed"
+    # ... and the original engine, judged against the original model, is not it either.
+    assert r["failed_checks"] == ["integrity.original.onnx", "accuracy.fp32.original_engine"]
+    assert r["verdict"] == "failed"
     assert _checks(r)["integrity.fused.onnx"]["verdict"] == "pass"
     assert r["changed_since_export"] == ["original.onnx"] and r["allow_modified"] is False
     junit = ET.parse(eng / "verify_junit.xml").getroot()
     case = junit.find(".//testcase[@classname='edgetool.verify.integrity'][@name='original.onnx']")
     assert "original.onnx changed" in case.find("failure").get("message")
-    assert "integrity original.onnx: " in res.stdout and res.stdout.splitlines()[-1].startswith("FAILED (1 of")
+    assert "integrity original.onnx: " in res.stdout and res.stdout.splitlines()[-1].startswith("FAILED (2 of")
 
 
 def test_allow_modified_records_a_warning_and_the_other_checks_decide(tiny_engine, tmp_path):
+    """An edit on purpose that keeps the computation (a doc string): a recorded warning, and a pass."""
     eng = _copy(tiny_engine, tmp_path)
-    shutil.copyfile(eng / "fused.onnx", eng / "original.onnx")
+    model = onnx.load(str(eng / "original.onnx"))
+    model.doc_string = "edited on purpose"
+    onnx.save(model, str(eng / "original.onnx"))
     res, r = _verify(eng, "--allow-modified")
-    # The other checks: the graphs are still identical and the fused engine still matches the fused model,
-    # so the run passes; the "original" engine now computes the fused model, so its error is no baseline.
     assert res.exit_code == 0, res.output
     c = _checks(r)["integrity.original.onnx"]
     assert c["verdict"] == "warning" and "allowed by --allow-modified" in c["message"]
     assert r["allow_modified"] is True and r["failed_checks"] == []
+    assert _checks(r)["accuracy.fp32.original_engine"]["verdict"] == "pass"
     assert any("original.onnx changed since fuse-export" in w for w in r["warnings"])
     assert "warning: original.onnx changed" in res.stdout
-    assert r["accuracy"]["fp32"]["baseline_valid"] is False
-    assert r["accuracy"]["fp16"]["baseline_valid"] is True  # original.fp16.onnx is untouched
+    assert r["accuracy"]["fp32"]["baseline_valid"] is True
     junit = ET.parse(eng / "verify_junit.xml").getroot()
     skipped = junit.find(".//testcase[@name='original.onnx']/skipped")
     assert skipped.get("message").startswith("warning: ") and "allowed by --allow-modified" in junit.find(
         ".//system-err").text
+
+
+@pytest.mark.parametrize("waiver", ["--allow-modified", "resealed"])
+def test_a_wrong_original_fails_naming_it_even_when_integrity_is_waived(tiny_engine, tmp_path, waiver):
+    """original.onnx replaced by another graph of the same structure (here the fused one) with the integrity
+    check waived, or its hash resealed in fuse_report.json: the graphs are identical, so only judging the
+    original engine against the original model can tell. Before, this passed."""
+    eng = _copy(tiny_engine, tmp_path)
+    shutil.copyfile(eng / "fused.onnx", eng / "original.onnx")
+    if waiver == "resealed":
+        rep = json.loads((eng / "fuse_report.json").read_text())
+        rep["files"]["original.onnx"] = sha256_file(eng / "original.onnx")
+        (eng / "fuse_report.json").write_text(json.dumps(rep))
+    res, r = _verify(eng, *([waiver] if waiver.startswith("--") else []))
+    assert res.exit_code == 1, res.output
+    err = res.stderr.strip()
+    assert "\n" not in err and "accuracy.fp32.original_engine" in err
+    assert "original.onnx does not compute the original model" in err
+    assert r["failed_checks"] == ["accuracy.fp32.original_engine"]
+    assert _checks(r)["accuracy.fp16.original_engine"]["verdict"] == "pass"  # original.fp16.onnx is untouched
 
 
 def test_another_export_as_fused_fails_integrity_and_accuracy(tiny_engine, tmp_path):
@@ -130,7 +154,7 @@ def test_a_failed_verify_replaces_the_reports_with_complete_new_ones(tiny_engine
     res, r = _verify(eng)
     assert res.exit_code == 1 and r["passed"] is False
     junit = ET.parse(eng / "verify_junit.xml").getroot()
-    assert junit.get("failures") == "1" and len(junit.findall(".//testcase")) == len(r["checks"])
+    assert junit.get("failures") == "2" and len(junit.findall(".//testcase")) == len(r["checks"])
     assert r["engine_files"]["original.onnx"] == sha256_file(eng / "fused.onnx")
 
 

@@ -105,8 +105,8 @@ def test_report_has_the_promised_fields_and_consistent_latency(auto_run):
     assert [c["name"] for c in r["checks"]] == [
         "integrity.original.onnx", "integrity.fused.onnx", "integrity.original.fp16.onnx", "integrity.fused.fp16.onnx",
         "accuracy.fp32.argmax_agreement", "accuracy.fp32.f1_delta", "accuracy.fp32.output_error",
-        "accuracy.fp16.argmax_agreement", "accuracy.fp16.f1_delta", "accuracy.fp16.output_error",
-        "structure.fp32.graph_identical", "structure.fp16.graph_identical", "structure.fp32.runtime_graph_identical",
+        "accuracy.fp32.original_engine", "accuracy.fp16.argmax_agreement", "accuracy.fp16.f1_delta",
+        "accuracy.fp16.output_error", "accuracy.fp16.original_engine", "structure.fp32.graph_identical", "structure.fp16.graph_identical", "structure.fp32.runtime_graph_identical",
         "structure.fp16.runtime_graph_identical", "latency.batch_1", "latency.batch_8"]
     assert "as onnxruntime will run them" in next(c["message"] for c in r["checks"]
                                                   if c["name"] == "structure.fp32.runtime_graph_identical")
@@ -140,7 +140,9 @@ def test_swapped_original_onnx_of_another_structure_fails_the_structure_check(en
     assert "\n" not in err and "structure.fp32.graph_identical" in err and "integrity.original.onnx" in err
     r = json.loads((eng / "verify_report.json").read_text())
     assert "structure.fp32.graph_identical" in r["failed_checks"]
-    assert "structure.fp32.runtime_graph_identical" in r["failed_checks"]  # ONNX Runtime's optimised graphs differ too
+    # A renamed node is a name, not a computation: the runtime graph comparison, which ignores names (ONNX
+    # Runtime makes up its own), finds the same graph; the file comparison above is the strict one.
+    assert "structure.fp32.runtime_graph_identical" not in r["failed_checks"]
     # The fp16 pair is untouched and a renamed node computes the same thing (latency is not asserted: 3 runs).
     assert not any(c.startswith(("structure.fp16", "accuracy.")) for c in r["failed_checks"])
 

@@ -12,6 +12,7 @@ architecture only, which is what the zero-overhead proof compares. See docs/fuse
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import io
 import warnings
@@ -195,6 +196,87 @@ def compare_graph_structure(a: onnx.ModelProto | Path | str, b: onnx.ModelProto 
 
     if len(diffs) > max_differences:
         diffs = diffs[:max_differences] + [f"... and {len(diffs) - max_differences} more"]
+    return StructureReport(identical=not diffs, differences=diffs)
+
+
+def canonical_nodes(model: onnx.ModelProto | Path | str) -> tuple[dict[str, onnx.NodeProto], list[tuple[str, str]]]:
+    """A name-free identity for every node: a hash of its domain, op type, attributes and the identities of
+    its inputs, where a graph input is known by its name, an initializer by its dtype and shape, and a node's
+    output by its producer's identity and position. Returns ({identity: node}, the graph outputs as
+    [(name, identity of the tensor)]). Node names, tensor names made up by an optimiser, and the order in
+    which independent nodes are listed do not enter it; every op, attribute and edge does. A node that
+    occurs twice (the same op on the same inputs) is counted twice: its second identity carries '#2'."""
+    graph = _load(model).graph
+    tensor: dict[str, str] = {"": "absent"}
+    tensor.update({v.name: f"input:{v.name}" for v in graph.input})
+    tensor.update({t.name: f"initializer:{_tensor_sig(t)}" for t in graph.initializer})
+    pending = list(graph.node)
+    nodes: dict[str, onnx.NodeProto] = {}
+    while pending:  # producers before consumers, whatever order the file lists them in
+        waiting = []
+        for node in pending:
+            if not all(i in tensor for i in node.input):
+                waiting.append(node)
+                continue
+            attrs = sorted((a.name, a.SerializeToString(deterministic=True)) for a in node.attribute)
+            key = repr((node.domain or "ai.onnx", node.op_type, attrs, [tensor[i] for i in node.input], len(node.output)))
+            ident = hashlib.sha256(key.encode()).hexdigest()[:16]
+            for j, out in enumerate(node.output):
+                if out:
+                    tensor[out] = f"{ident}:{j}"
+            key, k = ident, 1
+            while key in nodes:  # the same op on the same inputs again: one more of the same node
+                k += 1
+                key = f"{ident}#{k}"
+            nodes[key] = node
+        if len(waiting) == len(pending):
+            missing = sorted({i for n in waiting for i in n.input if i not in tensor})
+            raise EdgetoolError(f"the graph reads tensors nothing produces: {missing[:3]}")
+        pending = waiting
+    return nodes, [(o.name, tensor.get(o.name, "missing")) for o in graph.output]
+
+
+def _describe_node(node: onnx.NodeProto) -> str:
+    attrs = ", ".join(f"{a.name}={_attr_text(a)}" for a in node.attribute)
+    return f"{node.domain + '.' if node.domain else ''}{node.op_type}({attrs}) '{node.name}'"
+
+
+def compare_runtime_graphs(a: onnx.ModelProto | Path | str, b: onnx.ModelProto | Path | str,
+                           max_differences: int = 10) -> StructureReport:
+    """Whether two graphs as a runtime optimised them (ONNX Runtime's `optimized_model_filepath`) run the
+    same computation: same opsets, graph inputs and outputs, and the same nodes by their name-free
+    identity (`canonical_nodes`), compared as a whole. ONNX Runtime names the nodes and tensors its
+    transformers insert from a counter, and lists independent nodes in an order that varies from one
+    load of the same file to the next (its NCHWc layout transformer), so `compare_graph_structure`'s
+    node-by-node, name-by-name comparison would fail two loads of one file. An extra node, a different
+    op, attribute, edge or weight shape still differs. A node that differs makes every node downstream
+    of it differ too; only the first ones (whose inputs match) are listed."""
+    ma, mb = _load(a), _load(b)
+    diffs: list[str] = []
+    opsets = lambda m: sorted((o.domain or "ai.onnx", o.version) for o in m.opset_import)  # noqa: E731
+    if opsets(ma) != opsets(mb):
+        diffs.append(f"opset imports differ: {opsets(ma)} vs {opsets(mb)}")
+    sa, sb = [_value_info_sig(v) for v in ma.graph.input], [_value_info_sig(v) for v in mb.graph.input]
+    if sa != sb:
+        diffs.append(f"graph inputs differ: {sa} vs {sb}")
+    nodes_a, outs_a = canonical_nodes(ma)
+    nodes_b, outs_b = canonical_nodes(mb)
+    only = {"first": [k for k in nodes_a if k not in nodes_b], "second": [k for k in nodes_b if k not in nodes_a]}
+    if only["first"] or only["second"]:
+        diffs.append(f"{len(nodes_a)} vs {len(nodes_b)} nodes; {len(only['first'])} only in the first graph, "
+                     f"{len(only['second'])} only in the second")
+    for which, keys, nodes in (("first", only["first"], nodes_a), ("second", only["second"], nodes_b)):
+        produced_here = {o for k in keys for o in nodes[k].output}
+        roots = [nodes[k] for k in keys if not produced_here.intersection(nodes[k].input)]
+        for node in roots[:max_differences]:
+            diffs.append(f"only in the {which} graph: {_describe_node(node)}")
+        if len(keys) > len(roots[:max_differences]):
+            diffs.append(f"... and {len(keys) - len(roots[:max_differences])} more node(s) of the {which} graph downstream")
+    sig = lambda m: [_value_info_sig(v) for v in m.graph.output]  # noqa: E731
+    if sig(ma) != sig(mb):
+        diffs.append(f"graph outputs differ: {sig(ma)} vs {sig(mb)}")
+    elif not diffs and outs_a != outs_b:
+        diffs.append("the graph outputs are computed by different nodes")
     return StructureReport(identical=not diffs, differences=diffs)
 
 

@@ -112,6 +112,7 @@ class AccuracyResult:
     max_f1_delta: float
     output_error_passed: bool
     executed_as: str = ""
+    original_error_limit: float = 0.0  # on original_scaled_error (see original_engine_check)
 
 
 def accuracy_parity(engine_out: np.ndarray, reference_out: np.ndarray, original_engine_out: np.ndarray,
@@ -158,6 +159,31 @@ def accuracy_parity(engine_out: np.ndarray, reference_out: np.ndarray, original_
                         f"max |engine - reference| {err['max_abs']:.3g} = {err['scaled']:.2g} of max |logit| "
                         f"{err['scale']:.3g}; " + baseline))
     return res, checks
+
+
+def original_engine_check(res: AccuracyResult, file_name: str, prefix: str = "accuracy") -> Check:
+    """The original engine judged against the original (base) model as the fused engine is against its own
+    reference: the same agreement and F1 thresholds, and its scaled output error within `error_margin` x the
+    fused engine's + the floor. Without it a wrong `original.onnx` (another graph, integrity waived) would
+    only lose its place as the error baseline, and latency would be timed against a graph nobody checked."""
+    crit_f1 = res.max_f1_delta + 1e-12
+    res.original_error_limit = res.error_margin * res.scaled_error + res.error_floor
+    problems = []
+    if res.original_argmax_agreement < res.min_agreement:
+        problems.append(f"argmax agreement {res.original_argmax_agreement:.4f} < {res.min_agreement:g}")
+    if res.original_f1_delta is not None and res.original_f1_delta > crit_f1:
+        problems.append(f"|macro-F1 delta| {res.original_f1_delta:.4f} > {res.max_f1_delta:g}")
+    if not res.original_scaled_error <= res.original_error_limit:
+        problems.append(f"max |error| {res.original_scaled_error:.2g} of max |logit| > {res.error_margin:g} x the fused "
+                        f"engine's {res.scaled_error:.2g} + {res.error_floor:g}")
+    f1 = "n/a" if res.original_f1_delta is None else f"{res.original_f1_delta:.4f}"
+    figures = (f"argmax agreement {res.original_argmax_agreement:.4f}, |macro-F1 delta| {f1}, max |error| "
+               f"{res.original_scaled_error:.2g} of max |logit| (limit {res.original_error_limit:.2g})")
+    if problems:
+        return Check(f"{prefix}.{res.precision}.original_engine", FAIL,
+                     f"{file_name} does not compute the original model: {'; '.join(problems)}; latency and the error "
+                     f"baseline rest on it (rerun `edgetool fuse-export`)")
+    return Check(f"{prefix}.{res.precision}.original_engine", PASS, f"{file_name} against the original model: {figures}")
 
 
 # ---------------------------------------------------------------------------------------------- latency
