@@ -1,9 +1,8 @@
 #!/usr/bin/env python3
 """The model zoo: torchvision's classification architectures (random weights, 3 x 32 x 32 inputs, 4 classes)
 through the CLI as a user runs it: `edgetool adapt` -> `edgetool fuse-export` -> `edgetool verify --engine
-onnxruntime`, one architecture and method at a time, each in a fresh temporary directory. The base
-checkpoint is the user's own: the seeded random-weights model's `state_dict()` (--pretrain: adapt pretrains
-it on the source images instead). Prints a table
+onnxruntime`, one architecture and method at a time, each in a fresh temporary directory (adapt pretrains
+the random-weights base on the source images first). Prints a table
 (arch, parameters, exit code of each stage, whether verify found the structures identical, seconds) and
 writes it as Markdown with --md.
 
@@ -55,10 +54,8 @@ def structure_identical(report_path: Path) -> str:
     return "NO: " + ", ".join(failed) if failed else "yes"
 
 
-def run_one(arch: str, method: str, workdir: Path, log, pretrain: bool) -> dict:
+def run_one(arch: str, method: str, workdir: Path, log) -> dict:
     data = torchvision_zoo.write_images(workdir / "images.npz")
-    if not pretrain:
-        torchvision_zoo.write_base(workdir / "base.pt", arch)
     recipe = torchvision_zoo.recipe_dict(arch, data.name, "base.pt", method)
     (workdir / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     env = {**os.environ, "ZOO_DIR": str(workdir),
@@ -93,8 +90,6 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--archs", default=",".join(torchvision_zoo.ARCHS), help="comma-separated torchvision builders")
     ap.add_argument("--methods", default="ttlora", help="comma-separated methods (ttlora, lora, dora, ...)")
-    ap.add_argument("--pretrain", action="store_true", help="pretrain each base on the source images (adapt does it) "
-                    "instead of taking the seeded random-weights model's state_dict() as the user's base checkpoint")
     ap.add_argument("--md", type=Path, help="also write the table here (Markdown)")
     ap.add_argument("--log", type=Path, help="every stage's output (default: a temporary file, named at the end)")
     args = ap.parse_args()
@@ -104,7 +99,7 @@ def main() -> int:
         for arch in args.archs.split(","):
             for method in args.methods.split(","):
                 with tempfile.TemporaryDirectory(prefix=f"zoo-{arch}-") as tmp:
-                    row = run_one(arch, method, Path(tmp), log, args.pretrain)
+                    row = run_one(arch, method, Path(tmp), log)
                 log.flush()
                 rows.append(row)
                 print(f"{arch} {method}: adapt {row.get('adapt')} fuse-export {row.get('fuse-export', '-')} "
