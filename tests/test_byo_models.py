@@ -18,7 +18,7 @@ from conftest import assert_one_line_error, cli, write_recipe
 from toolchain.errors import EdgetoolError
 from toolchain.methods.settings import method_settings
 from toolchain.models.assembly import build_adapted
-from toolchain.models.backbones import extend_head, find_head
+from toolchain.models.backbones import extend_head, find_head, model_name
 from toolchain.models.checkpoints import load_state, load_state_checked
 
 TESTS = Path(__file__).resolve().parent
@@ -188,3 +188,12 @@ def test_a_factory_module_whose_import_raises_is_one_line(tmp_path, byo, monkeyp
     raw["model"]["factory"] = "broken_ext:build"
     result = cli("adapt", write_recipe(tmp_path / "broken.yaml", raw), "--out", tmp_path / "run", "--quiet")
     assert_one_line_error(result, "cannot import module 'broken_ext'", "RuntimeError: operator torchvision::nms")
+
+
+def test_model_name_is_the_builtin_or_the_factory_with_its_named_arch(tmp_path):
+    from toolchain.recipe import ModelConfig
+
+    assert model_name(ModelConfig(arch="mobilenet1d", checkpoint=tmp_path / "c.pt")) == "mobilenet1d"
+    cfg = ModelConfig(arch="factory", factory="torchvision_zoo:build", checkpoint=tmp_path / "c.pt",
+                      kwargs={"arch": "mnasnet0_5", "num_classes": 4})
+    assert model_name(cfg) == "torchvision_zoo:build(arch=mnasnet0_5)"
