@@ -133,11 +133,17 @@ def make_plan(f: Facts) -> Plan:
         pins.append(f"torch=={f.torch_version}")
     elif keep_torch:
         plan.notes.append(f"torch {f.torch_version} kept")
+        if f.mode == "test":
+            # torchvision (a test extra) requires one torch release exactly: pinned, pip picks the torchvision
+            # that pairs with this torch instead of replacing torch with the newest torchvision's.
+            pins.append(f"torch=={f.torch_version}")
     else:
         if f.arch not in ("x86_64", "AMD64"):
             plan.notes.append(f"{f.arch} without {TEGRA_RELEASE}: not treated as a Jetson; installing PyPI's "
                               f"{TORCH_PIN} (on a Jetson that file comes with JetPack)")
         plan.commands.append(pip + [TORCH_PIN])
+        if f.mode == "test":
+            pins.append(TORCH_PIN)  # as above: torchvision pairs with this torch
 
     # --- numpy
     if keep_torch:

@@ -18,13 +18,16 @@ PIP=("$VPY" -m pip install -q --disable-pip-version-check)
 # floors' own dependencies pull it in anyway).
 "${PIP[@]}" "$TORCH_PIN" packaging
 constraints=$VENV/min-constraints.txt
-"$VPY" scripts/min_constraints.py --extra onnxruntime --extra test --skip torch --skip peft --skip galore-torch >"$constraints"
-echo "min-versions: $TORCH_PIN, then the declared floors:" $(cat "$constraints")
+# torchvision is kept aside like torch: each release requires one torch release exactly, so its floor (the
+# pair of torch's floor) cannot install next to the torch pin; the torchvision that pairs with the pin does.
+"$VPY" scripts/min_constraints.py --extra onnxruntime --extra test --skip torch --skip torchvision \
+  --skip peft --skip galore-torch >"$constraints"
+echo "min-versions: $TORCH_PIN and its torchvision, then the declared floors:" $(cat "$constraints")
 # The floors and torch together, so pip cannot move torch while resolving the floors' own dependencies.
-"${PIP[@]}" -r "$constraints" "$TORCH_PIN"
+"${PIP[@]}" -r "$constraints" "$TORCH_PIN" torchvision
 "${PIP[@]}" --no-deps -e .
 "$VPY" -m pip check
-"$VPY" -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|numpy|onnx|onnxruntime|onnxconverter-common|polygraphy|click|pyyaml|pydantic|tqdm|matplotlib|protobuf|pytest|ray)==' | tr '\n' ' '
+"$VPY" -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|torchvision|numpy|onnx|onnxruntime|onnxconverter-common|polygraphy|click|pyyaml|pydantic|tqdm|matplotlib|protobuf|pytest|ray)==' | tr '\n' ' '
 echo
 set +e
 "$VPY" -m pytest -q -p no:cacheprovider -m "not slow" "$@"

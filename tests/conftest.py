@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from toolchain.errors import first_line
 from toolchain.recipe import Recipe, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -15,6 +18,35 @@ REPO = Path(__file__).resolve().parents[1]
 # One intra-op thread: torch's default pool oversubscribes small CI machines under load, and numeric
 # results must not depend on the thread count.
 torch.set_num_threads(1)
+
+
+def import_test_dependency(module: str, dist: str, why: str):
+    """`import module` for tests that need a test extra. Not installed: the test module skips, saying so.
+    Installed but failing to import: the run fails, loudly. A skip there would hide every test that needs it
+    (torchvision's CUDA wheel next to a CPU torch once broke `import peft`, through transformers, and the 22
+    PEFT cross-checks skipped as if peft were simply not installed)."""
+    try:
+        version = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip(f"{why} ({dist} is not installed: pip install -e .[test])", allow_module_level=True)
+    try:
+        return importlib.import_module(module)
+    except Exception as exc:  # an installed test dependency that cannot import is a broken environment
+        pytest.fail(f"{dist} {version} is installed but `import {module}` fails: {type(exc).__name__}: "
+                    f"{first_line(exc)}", pytrace=False)
+
+
+# torchvision first, before anything else imports it (transformers does, under peft): where its compiled ops
+# cannot load next to a CPU torch, torchvision_zoo.import_torchvision still imports it (see that module). An
+# installed torchvision that cannot import stops the whole run here.
+try:
+    importlib.metadata.version("torchvision")
+except importlib.metadata.PackageNotFoundError:
+    pass
+else:
+    from torchvision_zoo import import_torchvision
+
+    import_torchvision()
 
 
 def cli(*args):

@@ -64,3 +64,40 @@ def write_image_npz(path: Path, per_class: int = 8, seed: int = 0) -> Path:
     X, y, dom = make_images(per_class, (0, 1), seed)
     np.savez(path, X=X, y=y, domain=dom)
     return path
+
+
+class VersionedCNN(SmallCNN):
+    """SmallCNN whose state-dict loader needs the version its state was saved at, as torchvision's MNASNet's
+    does ("version should be set to 1 or 2 instead of None"): a state without its metadata cannot load."""
+
+    _version = 2
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+        version = local_metadata.get("version")
+        if version != 2:
+            raise ValueError(f"version should be set to 2 instead of {version}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+def versioned_cnn(in_channels: int = 1, num_classes: int = 3, width: int = 4) -> nn.Module:
+    return VersionedCNN(in_channels, num_classes, width)
+
+
+class ConvHeadCNN(nn.Module):
+    """A classifier that is a 1x1 conv followed by ReLU and pooling, as SqueezeNet's `classifier.1`: no nn.Linear."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 3, width: int = 4):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
+        )
+        self.classifier = nn.Sequential(nn.Dropout(0.1), nn.Conv2d(2 * width, num_classes, 1), nn.ReLU(),
+                                        nn.AdaptiveAvgPool2d(1))
+
+    def forward(self, x):
+        return self.classifier(self.features(x)).flatten(1)
+
+
+def conv_head_cnn(in_channels: int = 1, num_classes: int = 3, width: int = 4) -> nn.Module:
+    return ConvHeadCNN(in_channels, num_classes, width)

@@ -446,5 +446,5 @@ def test_byo_factory_head_must_match_the_classes(tmp_path, byo_recipe):
         build_model(recipe.model.model_copy(update={"kwargs": {"colour": "red"}}), 1, 3)
     with pytest.raises(EdgetoolError, match="'fixtures_2d' has no callable 'missing'"):
         build_model(recipe.model.model_copy(update={"factory": "fixtures_2d:missing"}), 1, 3)
-    with pytest.raises(EdgetoolError, match="model.head.*'features.0' is not an nn.Linear"):
-        build_model(recipe.model.model_copy(update={"kwargs": {}, "head": "features.0"}), 1, 3)
+    with pytest.raises(EdgetoolError, match="model.head.*'features.1' is a BatchNorm2d, not an nn.Linear"):
+        build_model(recipe.model.model_copy(update={"kwargs": {}, "head": "features.1"}), 1, 3)

@@ -57,9 +57,14 @@ def test_x86_fresh_demo_installs_cpu_torch_first_then_runtime_with_onnxruntime()
     assert pip_installs(plan) == [[ip.TORCH_PIN], ["-e", ".[onnxruntime]"]]
 
 
-def test_x86_test_mode_adds_the_test_extras():
+def test_x86_test_mode_adds_the_test_extras_with_torch_pinned():
+    # The test extras hold torchvision, whose releases each require one torch release: torch stays pinned
+    # so pip pairs torchvision with it rather than replacing torch (a CPU build) with another.
     plan = ip.make_plan(ip.Facts(mode="test"))
-    assert pip_installs(plan)[-1] == ["-e", ".[test,onnxruntime]"]
+    assert pip_installs(plan) == [[ip.TORCH_PIN], ["-e", ".[test,onnxruntime]", ip.TORCH_PIN]]
+    kept = ip.make_plan(ip.Facts(mode="test", venv_exists=True, torch_version="2.13.0+cpu", numpy_version="2.4.6",
+                                 torch_numpy_ok=True, ort_dists=("onnxruntime",)))
+    assert pip_installs(kept) == [["-e", ".[test,onnxruntime]", "torch==2.13.0+cpu"]]
 
 
 def test_x86_existing_torch_is_kept_and_no_numpy_pin():
@@ -222,7 +227,8 @@ def test_install_sh_x86_dry_run(tmp_path, args, extras):
     assert done.stdout.startswith("# not a Jetson")
     cmds = commands(done.stdout)
     assert cmds[0] == [sys.executable, "-m", "venv", str(tmp_path / "venv")]
-    assert cmds[1][-1] == ip.TORCH_PIN and cmds[2][-2:] == ["-e", extras]
+    pins = [ip.TORCH_PIN] if "test" in extras else []
+    assert cmds[1][-1] == ip.TORCH_PIN and cmds[2][-2 - len(pins):] == ["-e", extras, *pins]
     assert not (tmp_path / "venv").exists()  # a dry run runs nothing
 
 

@@ -33,11 +33,12 @@ def pins(*args: str) -> dict[str, str]:
 
 
 def test_pins_are_pyprojects_floors_for_the_min_job_selection():
-    got = pins("--extra", "onnxruntime", "--extra", "test", "--skip", "torch", "--skip", "peft", "--skip", "galore-torch")
+    got = pins("--extra", "onnxruntime", "--extra", "test", "--skip", "torch", "--skip", "torchvision", "--skip", "peft",
+               "--skip", "galore-torch")
     declared = {r.split(">=")[0]: r.split(">=")[1] for r in PROJECT["dependencies"] if not r.startswith("torch")}
     assert {k: v for k, v in got.items() if k in declared} == declared
     assert got["onnxruntime"] == PROJECT["optional-dependencies"]["onnxruntime"][0].split(">=")[1]
-    assert "pytest" in got and not {"torch", "peft", "galore-torch"} & set(got)
+    assert "pytest" in got and not {"torch", "torchvision", "peft", "galore-torch"} & set(got)
 
 
 @pytest.mark.parametrize("name, minimum", sorted(KNOWN_MINIMUMS.items()))

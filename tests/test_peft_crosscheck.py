@@ -13,7 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-peft = pytest.importorskip("peft", reason="HF PEFT is the reference for the LoRA/DoRA cross-check (pip install peft)")
+from conftest import import_test_dependency
+
+peft = import_test_dependency("peft", "peft", "HF PEFT is the reference for the LoRA/DoRA cross-check")
 
 import zoo  # noqa: E402
 from toolchain.methods.dora import DoRAConv  # noqa: E402

@@ -86,7 +86,8 @@ class ModelConfig(_Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the model constructor")
     width: int = Field(32, gt=0, description="channel width of the built-in backbones")
     checkpoint: Path = Field(..., description="base checkpoint (state dict); `pretrain` writes it, `adapt` makes it if missing")
-    head: str | None = Field(None, description="module name of the classifier nn.Linear; default: the last nn.Linear")
+    head: str | None = Field(None, description="module name of the classifier (an nn.Linear or a Conv1d/Conv2d); "
+                                  "default: the last nn.Linear, else the last conv")
 
     @model_validator(mode="after")
     def _factory_needed(self) -> "ModelConfig":

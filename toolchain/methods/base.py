@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import EdgetoolError, NotMergeableError
 from ..models.backbones import CONV_TYPES, set_submodule
+from ..models.checkpoints import detached_state, load_state
 
 if TYPE_CHECKING:
     from ..recipe import OptimConfig
@@ -166,9 +167,9 @@ class AdaptationMethod:
         return sorted(keys)
 
     def adapter_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        state = model.state_dict()
-        # On the CPU whatever device trained it, so fuse-export and verify load it anywhere.
-        return {k: state[k].detach().cpu().clone() for k in self.adapter_state_keys(model)}
+        # On the CPU whatever device trained it, so fuse-export and verify load it anywhere; with the model's
+        # state-dict metadata (module versions), which some modules' loaders need.
+        return detached_state(model, self.adapter_state_keys(model))
 
     def load_adapter_state(self, model: nn.Module, adapter: dict[str, torch.Tensor]) -> None:
         own = model.state_dict()
@@ -182,7 +183,7 @@ class AdaptationMethod:
         for k, v in adapter.items():
             if tuple(v.shape) != tuple(own[k].shape):
                 raise EdgetoolError(f"adapter checkpoint does not fit this model: '{k}' is {tuple(v.shape)}, model has {tuple(own[k].shape)}")
-        model.load_state_dict(adapter, strict=False)
+        load_state(model, adapter, strict=False)
 
     # ---- fusion ---------------------------------------------------------------------------------
     def merge(self, model: nn.Module) -> nn.Module:

@@ -26,7 +26,7 @@ from ..methods.base import AdaptationMethod
 from ..methods.registry import get_method
 from ..methods.settings import FullSettings, MethodSettings
 from ..metrics import evaluate
-from .backbones import build_model, count_params, extend_head, find_head
+from .backbones import build_model, count_params, extend_head, find_head, model_name
 from .checkpoints import load_state_checked, read_base_checkpoint, save_base_checkpoint
 from ..recipe import Recipe
 from ..training.fit import fit, seed_everything
@@ -90,7 +90,7 @@ def train_base(recipe: Recipe, data: DataBundle, progress: bool = True, echo=pri
         "trained_on": result.device,
     }
     save_base_checkpoint(recipe.model.checkpoint, model, meta)
-    say(echo, f"pretrained {recipe.model.arch} on {len(data.source_train)} source windows: "
+    say(echo, f"pretrained {model_name(recipe.model)} on {len(data.source_train)} source windows: "
                f"train macro-F1 {f1:.3f}, {result.train_seconds:.1f} s on {result.device['name']} "
                f"({result.device['precision']}) -> {recipe.model.checkpoint}")
     return {"checkpoint": str(recipe.model.checkpoint), "source_train_f1": f1, "source_train_accuracy": acc}

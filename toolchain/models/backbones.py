@@ -10,7 +10,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..errors import EdgetoolError
+from ..errors import EdgetoolError, first_line
 from ..recipe import ModelConfig
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d)
@@ -123,12 +123,22 @@ def _import_factory(spec: str):
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise EdgetoolError(f"recipe field 'model.factory': cannot import module '{module_name}' ({exc})") from None
+    except Exception as exc:  # user code: ImportError, or whatever its import raises (e.g. a broken extension)
+        raise EdgetoolError(f"recipe field 'model.factory': cannot import module '{module_name}' "
+                            f"({type(exc).__name__}: {first_line(exc)})") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise EdgetoolError(f"recipe field 'model.factory': '{module_name}' has no callable '{attr}'")
     return fn
+
+
+def model_name(cfg: ModelConfig) -> str:
+    """What to call the model in messages: the built-in's name, or the factory's callable and its
+    kwargs' arch-like values (`torchvision.models:resnet18`, `zoo:build(arch=mnasnet0_5)`)."""
+    if cfg.arch != "factory":
+        return cfg.arch
+    named = [f"{k}={v}" for k, v in cfg.kwargs.items() if isinstance(v, str)]
+    return cfg.factory + (f"({', '.join(named)})" if named else "")
 
 
 def build_model(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
@@ -149,25 +159,39 @@ def build_model(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Modu
             raise EdgetoolError(
                 f"recipe field 'model.kwargs': {cfg.arch} does not accept {sorted(cfg.kwargs)} ({exc})") from None
     head_name, head = find_head(model, cfg.head)
-    if head.out_features != num_classes:
-        # Without model.head the head is a guess (the last nn.Linear registered), so say how to name it.
+    if head_outputs(head) != num_classes:
+        # Without model.head the head is a guess (the last nn.Linear, else the last conv), so say how to name it.
         hint = "" if cfg.head else "; if it is not the classifier, set model.head to the classifier's module name"
-        raise EdgetoolError(
-            f"model head '{head_name}' has {head.out_features} outputs but the source domain has {num_classes} classes{hint}"
-        )
+        raise EdgetoolError(f"model head '{head_name}' has {head_outputs(head)} outputs but the source domain has "
+                            f"{num_classes} classes{hint}")
     return model
 
 
-def find_head(model: nn.Module, name: str | None = None) -> tuple[str, nn.Linear]:
+HEAD_TYPES = (nn.Linear, *CONV_TYPES)
+
+
+def head_outputs(head: nn.Module) -> int:
+    """Classes a head scores: a Linear's out_features, a conv classifier's (SqueezeNet's 1x1) out_channels."""
+    return head.out_features if isinstance(head, nn.Linear) else head.out_channels
+
+
+def find_head(model: nn.Module, name: str | None = None) -> tuple[str, nn.Module]:
+    """The classifier: `name`'s module (an nn.Linear or a Conv1d/Conv2d), else the last nn.Linear registered,
+    else, in a model without one (SqueezeNet), the last conv registered."""
     if name is not None:
         module = dict(model.named_modules()).get(name)
-        if not isinstance(module, nn.Linear):
-            raise EdgetoolError(f"recipe field 'model.head': '{name}' is not an nn.Linear in the model")
+        if module is None:
+            raise EdgetoolError(f"recipe field 'model.head': the model has no module '{name}'")
+        if not isinstance(module, HEAD_TYPES):
+            raise EdgetoolError(f"recipe field 'model.head': '{name}' is a {type(module).__name__}, not an nn.Linear, "
+                                "nn.Conv1d or nn.Conv2d classifier")
         return name, module
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise EdgetoolError("the model has no nn.Linear classifier head; set model.head")
-    return linears[-1]
+    modules = list(model.named_modules())
+    candidates = ([(n, m) for n, m in modules if isinstance(m, nn.Linear)]
+                  or [(n, m) for n, m in modules if isinstance(m, CONV_TYPES)])
+    if not candidates:
+        raise EdgetoolError("the model has no nn.Linear or conv layer to use as its classifier head")
+    return candidates[-1]
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -177,20 +201,31 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def extend_head(model: nn.Module, head_name: str, num_classes: int) -> None:
-    """New-classes scenario: grow the classifier to `num_classes`, keeping the source rows; new rows
-    start at zero so the source classes' decisions are unchanged at step 0."""
+    """New-classes scenario: grow the classifier (an nn.Linear or a conv) to `num_classes`, keeping the source
+    rows (output channels); new rows start at zero so the source classes' decisions are unchanged at step 0."""
     head = model.get_submodule(head_name)
-    if head.out_features == num_classes:
+    outputs = head_outputs(head)
+    if outputs == num_classes:
         return
-    if head.out_features > num_classes:
-        raise EdgetoolError(f"head has {head.out_features} outputs, more than the {num_classes} target classes")
-    new = nn.Linear(head.in_features, num_classes, bias=head.bias is not None)
+    if outputs > num_classes:
+        raise EdgetoolError(f"head has {outputs} outputs, more than the {num_classes} target classes")
+    if isinstance(head, nn.Linear):
+        new = nn.Linear(head.in_features, num_classes, bias=head.bias is not None)
+    elif head.groups != 1:
+        # Each group's outputs see only that group's inputs: a new class would belong to one group.
+        raise EdgetoolError(f"cannot grow the grouped conv head '{head_name}' (groups={head.groups}) for new classes; "
+                            "use a model whose classifier is an nn.Linear or a groups=1 conv")
+    else:
+        new = type(head)(head.in_channels, num_classes, head.kernel_size, stride=head.stride, padding=head.padding,
+                         dilation=head.dilation, bias=head.bias is not None, padding_mode=head.padding_mode)
+    new = new.to(device=head.weight.device, dtype=head.weight.dtype)
     with torch.no_grad():
         new.weight.zero_()
-        new.weight[: head.out_features] = head.weight
+        new.weight[:outputs] = head.weight
         if head.bias is not None:
-            new.bias.fill_(head.bias.min().item() if head.out_features else 0.0)
-            new.bias[: head.out_features] = head.bias
+            new.bias.fill_(head.bias.min().item() if outputs else 0.0)
+            new.bias[:outputs] = head.bias
+    new.train(head.training)
     set_submodule(model, head_name, new)
 
 

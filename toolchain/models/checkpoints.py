@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,41 @@ from ..errors import EdgetoolError
 BASE_FORMAT = "edgetool-base/1"
 
 
+def with_metadata(state: dict[str, torch.Tensor], metadata: dict | None) -> "OrderedDict[str, torch.Tensor]":
+    """`state` as an OrderedDict carrying `metadata` as its `_metadata`: each module's state-dict version, which
+    nn.Module.state_dict() records and some modules' loaders need (torchvision's MNASNet refuses a state without
+    it). A plain dict comprehension over a state dict drops it."""
+    out = OrderedDict(state)
+    if metadata is not None:
+        out._metadata = metadata  # type: ignore[attr-defined]
+    return out
+
+
+def detached_state(model: nn.Module, keys=None) -> "OrderedDict[str, torch.Tensor]":
+    """The model's state (or its `keys`) as CPU copies, so a state trained on a GPU loads anywhere, with the
+    state-dict metadata of the modules whose tensors it holds."""
+    state = model.state_dict()
+    metadata = getattr(state, "_metadata", None)
+    if keys is not None:
+        state = {k: state[k] for k in keys}
+        if metadata is not None:
+            owners = {k.rpartition(".")[0] for k in keys}
+            metadata = OrderedDict((m, v) for m, v in metadata.items() if m in owners)
+    return with_metadata({k: v.detach().cpu().clone() for k, v in state.items()}, metadata)
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """model.load_state_dict(state) with the state's metadata over the model's own: a state saved by an older
+    edgetool, rebuilt as a plain dict, or holding part of the model (an adapter) still gives every module's
+    loader a version (the model's own describes what this code's modules write)."""
+    metadata = OrderedDict(getattr(model.state_dict(), "_metadata", None) or {})
+    metadata.update(getattr(state, "_metadata", None) or {})
+    model.load_state_dict(with_metadata(state, metadata), strict=strict)
+
+
 def save_base_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
     buf = io.BytesIO()
-    # CPU tensors, so a base trained on a GPU loads anywhere.
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = detached_state(model)
     torch.save({"format": BASE_FORMAT, "state_dict": state, **meta}, buf)
     atomic_write_bytes(path, buf.getvalue())
 
@@ -73,4 +105,4 @@ def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], what: s
     for k, v in state.items():
         if tuple(v.shape) != tuple(own[k].shape):
             raise EdgetoolError(f"{what} does not fit this model architecture: '{k}' is {tuple(v.shape)}, model has {tuple(own[k].shape)}")
-    model.load_state_dict(state)
+    load_state(model, state)

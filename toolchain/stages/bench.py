@@ -51,7 +51,7 @@ from ..errors import EdgetoolError, InternalError
 from ..proof.export import export_onnx
 from ..methods.settings import MethodSettings, method_names, settings_for
 from ..metrics import evaluate
-from ..models.backbones import count_params
+from ..models.backbones import count_params, model_name
 from ..plots import plot_f1_curves, plot_lr_grid, plot_scatter
 from ..recipe import OptimConfig, Recipe, check_inputs_exist, format_validation_error
 from ..bench.selection import CRITERION as SELECTION_CRITERION
@@ -284,7 +284,7 @@ def _run_bench(recipe: Recipe, methods: list[str], n_seeds: int, configs: dict[s
             "recipe": recipe.name,
             "recipe_path": str(recipe.source) if recipe.source else None,
             "scenario": scenario,
-            "arch": recipe.model.arch,
+            "arch": model_name(recipe.model),  # the factory and its arch, not the word "factory"
             "width": recipe.model.width,
             "total_params": total,
             "class_names": base_data.class_names,
