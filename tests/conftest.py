@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import importlib.metadata
 from pathlib import Path
 
@@ -55,6 +56,22 @@ def cli(*args):
 
     from toolchain.cli import main
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def adapt_fuse_verify(recipe: Path, tmp_path: Path, trust_factory: str) -> dict:
+    """adapt -> fuse-export -> verify --engine onnxruntime from the CLI, each exit 0, every structure check
+    passed; verify's report. `trust_factory`: the user's own factory module, trusted here as fuse-export and
+    verify require for a run directory that names a factory."""
+    result = cli("adapt", recipe, "--out", tmp_path / "run", "--quiet")
+    assert result.exit_code == 0, result.output
+    result = cli("fuse-export", tmp_path / "run", "--out", tmp_path / "engine", "--trust-factory", trust_factory)
+    assert result.exit_code == 0, result.output
+    result = cli("verify", tmp_path / "engine", "--engine", "onnxruntime", "--trust-factory", trust_factory)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "engine" / "verify_report.json").read_text())
+    structure = [c for c in report["checks"] if c["name"].startswith("structure.")]
+    assert structure and all(c["passed"] for c in structure), structure
+    return report
 
 
 def assert_one_line_error(result, *needles: str) -> str:

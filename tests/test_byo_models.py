@@ -6,7 +6,6 @@ torchvision's own models go through the same path in tests/test_torchvision_zoo.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 import yaml
 from torch import nn
 
-from conftest import assert_one_line_error, cli, write_recipe
+from conftest import adapt_fuse_verify, assert_one_line_error, cli, write_recipe
 from toolchain.errors import EdgetoolError
 from toolchain.methods.settings import method_settings
 from toolchain.models.assembly import build_adapted
@@ -53,19 +52,6 @@ def byo(tmp_path, monkeypatch):
     return make
 
 
-def adapt_fuse_verify(recipe: Path, tmp_path: Path) -> dict:
-    """adapt -> fuse-export -> verify --engine onnxruntime from the CLI, each exit 0; verify's report."""
-    result = cli("adapt", recipe, "--out", tmp_path / "run", "--quiet")
-    assert result.exit_code == 0, result.output
-    # The user's own factory module: trusted here, as fuse-export and verify require for a run dir's factory.
-    result = cli("fuse-export", tmp_path / "run", "--out", tmp_path / "engine", "--trust-factory", "fixtures_2d")
-    assert result.exit_code == 0, result.output
-    result = cli("verify", tmp_path / "engine", "--engine", "onnxruntime", "--trust-factory", "fixtures_2d")
-    assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "engine" / "verify_report.json").read_text())
-    structure = [c for c in report["checks"] if c["name"].startswith("structure.")]
-    assert structure and all(c["passed"] for c in structure), structure
-    return report
 
 
 # ---------------------------------------------------------------------------------------------- metadata
@@ -76,7 +62,7 @@ def test_versioned_model_pretrains_adapts_fuses_and_verifies(tmp_path, byo):
     a loader that needs its version refused them (fuse-export exited 3)."""
     from fixtures_2d import versioned_cnn
 
-    adapt_fuse_verify(byo("versioned_cnn"), tmp_path)
+    adapt_fuse_verify(byo("versioned_cnn"), tmp_path, "fixtures_2d")
     # The base checkpoint carries the metadata, so it loads in plain PyTorch too.
     ckpt = torch.load(tmp_path / "ckpt" / "base.pt", map_location="cpu", weights_only=True)
     assert ckpt["state_dict"]._metadata[""] == {"version": 2}
@@ -92,7 +78,7 @@ def test_users_state_dict_of_a_versioned_model_goes_through_fuse_export(tmp_path
 
     torch.manual_seed(0)
     torch.save(versioned_cnn().state_dict(), tmp_path / "user.pt")
-    adapt_fuse_verify(byo("versioned_cnn", checkpoint="user.pt"), tmp_path)
+    adapt_fuse_verify(byo("versioned_cnn", checkpoint="user.pt"), tmp_path, "fixtures_2d")
 
 
 def test_a_state_without_metadata_loads_with_the_models_own():
@@ -167,7 +153,7 @@ def test_methods_train_a_conv_head_and_leave_it_unadapted(method):
 
 def test_conv_head_model_with_new_classes_end_to_end(tmp_path, byo):
     """SqueezeNet-style head, source classes 0 and 1, target 0, 1 and 2: the conv head grows and everything passes."""
-    adapt_fuse_verify(byo("conv_head_cnn", num_classes=2, source_classes=["0", "1"]), tmp_path)
+    adapt_fuse_verify(byo("conv_head_cnn", num_classes=2, source_classes=["0", "1"]), tmp_path, "fixtures_2d")
     payload = torch.load(tmp_path / "run" / "adapter.pt", map_location="cpu", weights_only=True)
     assert payload["state"]["classifier.1.weight"].shape == (3, 8, 1, 1) and payload["head"] == "classifier.1"
 

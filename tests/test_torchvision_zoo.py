@@ -5,14 +5,13 @@ benchmarks/zoo.py runs every architecture and the README lists which pass."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import cli, import_test_dependency
+from conftest import adapt_fuse_verify, import_test_dependency
 
 torchvision = import_test_dependency("torchvision", "torchvision", "torchvision's classifiers are the model zoo")
 
@@ -23,16 +22,8 @@ def run_zoo(tmp_path: Path, arch: str, method: str = "ttlora", checkpoint: str =
     data = torchvision_zoo.write_images(tmp_path / "images.npz")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(torchvision_zoo.recipe_dict(arch, data.name, checkpoint, method)))
-    result = cli("adapt", recipe, "--out", tmp_path / "run", "--quiet")
-    assert result.exit_code == 0, result.output
-    # The user's own factory module: trusted here, as fuse-export and verify require for a run dir's factory.
-    result = cli("fuse-export", tmp_path / "run", "--out", tmp_path / "engine", "--trust-factory", "torchvision_zoo")
-    assert result.exit_code == 0, result.output
-    result = cli("verify", tmp_path / "engine", "--engine", "onnxruntime", "--trust-factory", "torchvision_zoo")
-    assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "engine" / "verify_report.json").read_text())
-    structure = [c for c in report["checks"] if c["name"].startswith("structure.")]
-    assert len(structure) == 4 and all(c["passed"] for c in structure), structure
+    report = adapt_fuse_verify(recipe, tmp_path, "torchvision_zoo")
+    assert len([c for c in report["checks"] if c["name"].startswith("structure.")]) == 4
     assert report["argmax_agreement"] == 1.0
     return report
 
