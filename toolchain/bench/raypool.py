@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import pickle
+import signal
 import socket
+import threading
 from typing import Any, Callable
 
 import torch
@@ -121,6 +123,10 @@ class RayPool:
                                     "a cluster with token authentication also needs RAY_AUTH_MODE=token and its token "
                                     "(Ray's docs: token-auth)") from None
             self.started = True
+        if threading.current_thread() is threading.main_thread():
+            # Ray's core may take over SIGINT in this process; Ctrl-C must reach the driver itself as
+            # KeyboardInterrupt (cancel, exit 130), not only the workers it happens to hit.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         self._task = ray.remote(_run_task)
         return self
 
@@ -178,7 +184,10 @@ class RayPool:
         results: dict[Job, dict[str, Any]] = {}
         try:
             while waiting:
-                done, _ = ray.wait(list(waiting), num_returns=1)
+                # a bounded wait, so that this thread runs Python (and a pending Ctrl-C) at least every second
+                done, _ = ray.wait(list(waiting), num_returns=1, timeout=1.0)
+                if not done:
+                    continue
                 job = waiting.pop(done[0])
                 self.pending.remove(done[0])
                 try:
